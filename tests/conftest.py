@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_llama_config(**overrides):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+@pytest.fixture
+def tiny_llama_factory():
+    """Returns make(seed=0, dtype=float32) -> a fresh tiny Llama with deterministic weights."""
+    from transformers import LlamaForCausalLM
+
+    def make(seed: int = 0, dtype=torch.float32, **overrides):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(tiny_llama_config(**overrides))
+        return model.to(dtype).eval()
+
+    return make
+
+
+@pytest.fixture
+def token_ids():
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(0, 96, (3, 12), generator=g)
