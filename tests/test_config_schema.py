@@ -1,0 +1,49 @@
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_run_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_adapter_conversion(tmp_path):
+    cfg = load_run_config(write(tmp_path, "adapter:\n  preset: hydralora\n  num_heads: 4\n"))
+    rc = cfg.adapter.to_rlora()
+    assert (rc.num_heads, rc.head_init, rc.dropout_mode) == (4, "zero", "shared")
+    assert cfg.data.tasks == "five_task" and cfg.model == "smollm2-135m-instruct"
+    lora = load_run_config(write(tmp_path, "adapter: {preset: lora}\n"))
+    assert lora.adapter.to_rlora().num_heads == 1
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("adapter:\n  rank: 8\n", "adapter.rank: unknown key"),
+        ("trainn: {steps: 3}\n", "trainn: unknown key"),
+        ("train:\n  steps: many\n", "train.steps: Input should be a valid integer"),
+        ("adapter:\n  preset: moe\n", "adapter.preset: Input should be"),
+        ("data:\n  tasks: [sst2, qqp]\n", "data.tasks: unknown task 'qqp'"),
+        ("adapter:\n  head_dropout: 1.5\n", "adapter.head_dropout: Input should be less than 1"),
+        ("scaling:\n  num_workers: 0\n", "scaling.num_workers: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_yaml_is_one_line_naming_the_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(write(tmp_path, text))
+    assert str(e.value).startswith(expected)
+    assert "\n" not in str(e.value)
+
+
+def test_overrides_and_file_errors(tmp_path):
+    cfg = load_run_config(write(tmp_path, "train: {steps: 5}\n"), ["train.steps=7", "adapter.gamma=16"])
+    assert cfg.train.steps == 7 and cfg.adapter.gamma == 16.0
+    with pytest.raises(ConfigError, match="no such file"):
+        load_run_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_run_config(write(tmp_path, "a: [1, 2\n"))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_run_config(None, ["train.steps"])
+    assert RunConfig().train.eval_every == 50
