@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo train test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python -m rlora.demo
 
+train: setup
+	$(BIN)/python -m pipeline.train configs/five_task.yaml
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -30,6 +33,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.layer
+	$(BIN)/python -m benchmarks.train_step
 
 clean:
 	rm -rf $(VENV) .pytest_cache

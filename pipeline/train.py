@@ -1,0 +1,295 @@
+"""``python -m pipeline.train <run.yaml> [--set key=value ...]``: one R-LoRA fine-tuning run on
+Ray Train (TorchTrainer, DDP; gloo on CPU, nccl on GPU), tracked in MLflow.
+
+Flow: validate the YAML (exit 2 with one line on any problem, before Ray starts) -> resolve
+the model (converting the embedded GGUF once) -> create the MLflow run and log the resolved
+config -> TorchTrainer: every worker builds the same mixture, rank r trains on its shard of
+length-aware batches; rank 0 logs step metrics to MLflow, evaluates per-task held-out
+accuracy at eval intervals and writes checkpoints (adapter + optimizer + scheduler + step)
+through ``ray.train.report``. After a worker dies, Ray restarts the group (FailureConfig) and
+training resumes from the last checkpoint with the step count continuing. The driver then
+logs the final adapter and figures (head-similarity heatmap and t-SNE, loss/grad-norm curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import ConfigError, RunConfig, load_run_config
+
+KILL_ENV = "RLORA_TEST_KILL_RANK_AT_STEP"  # "rank:step": SIGKILL that worker once (failure tests)
+TRAINER_STATE = "trainer_state.pt"
+
+
+# ----------------------------------------------------------------------------------- worker side
+def _lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def evaluate(model, tok, held_out, max_length: int) -> dict[str, float]:
+    from pipeline.batching import is_choice_task
+    from pipeline.scoring import answer_nll_by_task, choice_accuracy_by_task
+    from rlora.analysis import head_similarity, similarity_summary
+
+    choice = [e for e in held_out if is_choice_task(e.task)]
+    gen = [e for e in held_out if not is_choice_task(e.task)]
+    out: dict[str, float] = {}
+    if choice:
+        acc = choice_accuracy_by_task(model, tok, choice, max_length)
+        out.update({f"eval/{t}/acc": v for t, v in acc.items()})
+        out["eval/mean_acc"] = sum(acc.values()) / len(acc)
+    if gen:
+        out.update({f"eval/{t}/answer_nll": v for t, v in answer_nll_by_task(model, tok, gen, max_length).items()})
+    sims = head_similarity(model)
+    if sims:
+        out.update(similarity_summary(sims))
+    return out
+
+
+def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
+    import torch
+
+    model.save_pretrained(directory / "adapter")
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+               directory / TRAINER_STATE)
+    if final:
+        from rlora.analysis import head_similarity, plot_head_similarity, plot_head_tsne
+
+        sims = head_similarity(model)
+        if sims:
+            plot_head_similarity(sims, directory / "figures" / "head_similarity.png")
+            try:
+                plot_head_tsne(model, directory / "figures" / "head_tsne.png")
+            except ValueError:
+                pass  # too few heads of one type for a t-SNE
+
+
+def _maybe_kill(rank: int, step: int, resumed: bool) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if spec and not resumed:
+        r, s = (int(x) for x in spec.split(":"))
+        if r == rank and s == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    import rlora
+    from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
+    from pipeline.models import load_model
+    from pipeline.tracking import Tracker
+
+    cfg = RunConfig.model_validate(loop_config["run"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    base, tok = load_model(loop_config["model_path"], dtype=cfg.train.dtype)
+    torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
+    model = rlora.get_peft_model(base, cfg.adapter.to_rlora()).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train.warmup_steps, cfg.train.steps))
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=False)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start = int(state["step"])
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    mix = build_mixture(cfg.data.tasks, cfg.data.train_per_task, cfg.data.eval_per_task, cfg.data.seed,
+                        cfg.data.data_dir)
+    encoded = [encode_example(tok, ex, cfg.data.max_length) for ex in mix.train]
+    stream = LengthAwareBatches(encoded, cfg.train.batch_size, tok.pad_token_id, seed=cfg.train.seed)
+    batches = stream.for_rank(rank, world, skip_steps=start)
+
+    tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if tracker and start:
+        tracker.log_metrics({"resumed_from_step": start}, step=start)
+    t_last = time.perf_counter()
+    for step in range(start + 1, cfg.train.steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        ddp_model.train()
+        loss = ddp_model(**batch).loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        stats = torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(stats)
+            stats[0] /= world
+        if not math.isfinite(stats[0].item()):
+            raise FloatingPointError(f"loss is {stats[0].item()} at step {step}")
+        now = time.perf_counter()
+        if tracker:
+            tracker.log_metrics({"train/loss": stats[0].item(), "train/lr": sched.get_last_lr()[0],
+                                 "train/grad_norm": float(grad_norm), "train/tokens_per_s": stats[1].item() / (now - t_last)},
+                                step=step)
+        t_last = now
+        _maybe_kill(rank, step, resumed=start > 0)
+
+        final = step == cfg.train.steps
+        do_eval = final or step % cfg.train.eval_every == 0
+        do_ckpt = final or step % cfg.train.checkpoint_every == 0
+        if not (do_eval or do_ckpt):
+            continue
+        metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item()}
+        if rank == 0 and do_eval:
+            metrics.update(evaluate(model, tok, mix.held_out, cfg.data.max_length))
+            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        if rank == 0 and do_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_checkpoint(model, opt, sched, step, Path(tmp), final)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step-{step:06d}")
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
+
+
+# ----------------------------------------------------------------------------------- driver side
+def _use_gpu(setting) -> bool:
+    if setting == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return bool(setting)
+
+
+def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_id: Optional[str] = None,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir'}. Raises on failure."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.models import resolve_model
+    from pipeline.tracking import Tracker, check_reachable, plot_curves, resolve_tracking_uri
+
+    out_dir = Path(cfg.output_dir).resolve()
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    check_reachable(tracking_uri)
+    model_path = resolve_model(cfg.model)
+    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+
+    tracker = Tracker(tracking_uri)
+    run_name = cfg.mlflow.run_name or f"{cfg.adapter.preset}-N{cfg.adapter.num_heads}-r{cfg.adapter.r}"
+    params = {**cfg.model_dump(mode="json"), "resolved": {"model_path": model_path, "use_gpu": use_gpu,
+              "rlora": cfg.adapter.to_rlora().to_dict()}}
+    run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params,
+                               tags={"config_file": config_path or "", "rlora.preset": cfg.adapter.preset},
+                               parent_run_id=parent_run_id)
+    if not quiet:
+        print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=not quiet,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                           if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,
+                           "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"train-{run_id}", storage_path=str(out_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except BaseException as e:
+        tracker.set_tags({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    wall = time.time() - t0
+    final_dir = out_dir / "runs" / run_id
+    with result.checkpoint.as_directory() as d:
+        import shutil
+
+        shutil.copytree(d, final_dir, dirs_exist_ok=True)
+    tracker.log_artifacts(final_dir / "adapter", "adapter")
+    if (final_dir / "figures").is_dir():
+        tracker.log_artifacts(final_dir / "figures", "figures")
+    curves = plot_curves(tracker, ["train/loss", "train/grad_norm", "train/lr"], final_dir / "figures" / "curves.png",
+                         title=run_name)
+    if curves:
+        tracker.log_artifact(curves, "figures")
+    tracker.log_metrics({"train/wall_s": wall}, step=cfg.train.steps)
+    tracker.finish("FINISHED")
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    (final_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return {"run_id": run_id, "metrics": metrics, "adapter_dir": str(final_dir / "adapter"),
+            "result_dir": str(final_dir), "wall_s": wall}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="run YAML (see examples/ and README)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field, e.g. --set train.steps=20 (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out = run_training(cfg, args.config)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001
+        from pipeline.models import ModelSpecError
+        from pipeline.tracking import TrackingError
+        from pipeline.data import DataError
+
+        if isinstance(e, (ModelSpecError, TrackingError, DataError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    m = out["metrics"]
+    accs = {k.split("/")[1]: v for k, v in m.items() if k.startswith("eval/") and k.endswith("/acc")}
+    print(f"\nrun {out['run_id']} finished in {out['wall_s']:.0f}s; adapter: {out['adapter_dir']}")
+    if accs:
+        print("held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
+              + f" | mean {m.get('eval/mean_acc', float('nan')):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
