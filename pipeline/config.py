@@ -72,6 +72,7 @@ class TrainSection(_Strict):
     warmup_steps: int = Field(10, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     eval_every: int = Field(50, ge=1)
+    eval_at_start: bool = True  # step-0 held-out eval: the base model's scores in the same run
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"

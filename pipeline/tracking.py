@@ -133,7 +133,15 @@ def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") 
         return None
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.2), squeeze=False)
     for ax, (k, pts) in zip(axes[0], series.items()):
-        ax.plot([s for s, _ in pts], [v for _, v in pts], lw=1.2)
+        xs, ys = [s for s, _ in pts], [v for _, v in pts]
+        ax.plot(xs, ys, lw=0.8, alpha=0.45)
+        if len(ys) > 10:  # exponential moving average on top of the raw per-step values
+            ema, smooth = ys[0], []
+            for y in ys:
+                ema = 0.9 * ema + 0.1 * y
+                smooth.append(ema)
+            ax.plot(xs, smooth, lw=1.6, color="C1", label="EMA 0.9")
+            ax.legend(loc="best", fontsize=8)
         ax.set_xlabel("step")
         ax.set_title(k)
         ax.grid(alpha=0.3)

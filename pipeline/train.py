@@ -133,6 +133,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
+    if tracker and start == 0 and cfg.train.eval_at_start:
+        tracker.log_metrics(evaluate(model, tok, mix.held_out, cfg.data.max_length), step=0)
     t_last = time.perf_counter()
     for step in range(start + 1, cfg.train.steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -164,8 +166,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item()}
         if rank == 0 and do_eval:
-            metrics.update(evaluate(model, tok, mix.held_out, cfg.data.max_length))
-            tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            evals = evaluate(model, tok, mix.held_out, cfg.data.max_length)
+            metrics.update(evals)
+            tracker.log_metrics(evals, step=step)
         if rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(model, opt, sched, step, Path(tmp), final)
@@ -177,6 +180,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- driver side
+def ensure_ray(quiet: bool = False) -> None:
+    """Connect to RAY_ADDRESS if set, else start a local Ray on loopback. The dashboard stays
+    on: Ray Train's placement-group cleaner queries the state API it serves."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: v for k, v in os.environ.items() if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
+    else:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=not quiet, runtime_env={"env_vars": env})
+
+
 def _use_gpu(setting) -> bool:
     if setting == "auto":
         import torch
@@ -211,10 +229,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     if not quiet:
         print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=not quiet,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                           if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}})
+    ensure_ray(quiet)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,

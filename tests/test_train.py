@@ -80,7 +80,7 @@ def test_two_worker_ddp_run_is_complete_in_mlflow(tmp_path, tiny_model_dir):
     assert sorted(m.step for m in losses) == list(range(1, 9))
     for key in ("train/lr", "train/grad_norm", "eval/sst2/acc", "eval/boolq/acc", "eval/mean_acc", "head_cos/mean"):
         assert key in run.data.metrics, key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_acc")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_acc")] == [0, 4, 8]
     # artifacts live beside the db (not ./mlruns), with the adapter and figures
     assert exp.artifact_location.startswith(str(tmp_path))
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -100,11 +100,15 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(tmp_path, tiny
     client, run, _ = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
-    assert [m.value for m in resumed] == [4.0]  # the last checkpoint before the kill at step 5
+    assert len(resumed) == 1
+    # A checkpoint from before the kill at step 5 (Ray registers checkpoints asynchronously, so
+    # the step-4 one can still be in flight when the worker dies: then step 2 is the last).
+    start = int(resumed[0].value)
+    assert start in (2, 4)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    # steps 1..5 ran on the first attempt, 5..8 after the restart: nothing before the checkpoint reran
     assert sorted(set(steps)) == list(range(1, 9))
-    assert steps.count(5) == 2 and all(steps.count(s) == 1 for s in (1, 2, 3, 4, 6, 7, 8))
+    for s in range(1, 9):  # steps up to the checkpoint ran once; start+1..5 ran again; the rest once
+        assert steps.count(s) == (2 if start < s <= 5 else 1), (s, steps)
     assert "eval/mean_acc" in run.data.metrics
 
 
