@@ -57,3 +57,18 @@ def test_rlora_on_smollm2_exact_start_train_and_roundtrip(smol, tmp_path):
     loaded = rlora.from_pretrained(fresh, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, trained)
+
+
+@pytest.mark.slow
+def test_embedded_gguf_is_converted_once_and_reused(tmp_path, monkeypatch):
+    import pipeline.models as models
+
+    monkeypatch.setenv("RLORA_CACHE_DIR", str(tmp_path))
+    first = resolve_model("smollm2-135m-instruct")
+    assert first.startswith(str(tmp_path)) and (tmp_path / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+
+    def no_second_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
+    assert resolve_model("smollm2-135m-instruct") == first
