@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/python -m rlora.demo
+	$(BIN)/python -m pipeline.demo
 
 train: setup
 	$(BIN)/python -m pipeline.train configs/five_task.yaml
