@@ -112,13 +112,14 @@ def _loc(err: dict) -> str:
 
 
 def format_validation_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = _loc(err) or "<root>"
+    errors = sorted(e.errors(), key=lambda err: err["type"] != "extra_forbidden")  # a typo explains the rest
+    err = errors[0]
+    where = _loc(err)
     msg = err["msg"].replace("Value error, ", "")
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
-    more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-    return f"{where}: {msg}{more}"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -169,3 +170,103 @@ __all__ = [
     "AdapterSection", "BUILTIN_MODELS", "ConfigError", "DataSection", "MlflowSection", "RunConfig",
     "ScalingSection", "TrainSection", "load_run_config", "load_yaml", "parse_overrides",
 ]
+
+
+# ------------------------------------------------------------------------------------- sweeps
+class ParamSpec(_Strict):
+    """One search dimension: exactly one of choice / grid / int / uniform / loguniform."""
+
+    choice: Optional[list[Any]] = Field(None, min_length=1)
+    grid: Optional[list[Any]] = Field(None, min_length=1)
+    int_: Optional[tuple[int, int]] = Field(None, alias="int")
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [k for k in ("choice", "grid", "int_", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(kinds) != 1:
+            raise ValueError("give exactly one of choice, grid, int, uniform, loguniform")
+        lo_hi = getattr(self, kinds[0]) if kinds[0] in ("int_", "uniform", "loguniform") else None
+        if lo_hi is not None:
+            lo, hi = lo_hi
+            if not lo < hi:
+                raise ValueError(f"inverted or empty range [{lo}, {hi}]")
+            if kinds[0] == "loguniform" and lo <= 0:
+                raise ValueError(f"loguniform needs a positive range, got [{lo}, {hi}]")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("choice", "grid", "int_", "uniform", "loguniform") if getattr(self, k) is not None).rstrip("_")
+
+    def values_to_check(self) -> list[Any]:
+        k = self.kind
+        if k in ("choice", "grid"):
+            return list(getattr(self, k))
+        lo, hi = getattr(self, "int_" if k == "int" else k)
+        return [lo, hi] if k == "int" else [lo, hi, lo + (hi - lo) * 0.3718]  # a non-integral sample too
+
+
+class TuneSection(_Strict):
+    num_samples: int = Field(8, ge=1, description="Optuna trials (with search_alg: grid, repeats of the grid)")
+    metric: str = "eval/mean_acc"
+    mode: Literal["max", "min"] = "max"
+    search_alg: Literal["optuna", "grid"] = "optuna"
+    seed: int = 0
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(20, ge=1, description="ASHA: steps before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
+
+
+def _field_exists(path: str) -> bool:
+    model: Any = RunConfig
+    for part in path.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    return True
+
+
+def set_path(data: dict, path: str, value: Any) -> dict:
+    node = data
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return data
+
+
+class SweepConfig(_Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][\w.-]*$")
+    base: RunConfig = Field(default_factory=RunConfig)
+    search: dict[str, ParamSpec] = Field(..., min_length=1)
+    tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _search_matches_run_config(self):
+        for key, spec in self.search.items():
+            if not _field_exists(key):
+                raise ValueError(f"search.{key}: not a run config field")
+            for v in spec.values_to_check():  # every value must make a valid run config
+                try:
+                    RunConfig.model_validate(set_path(self.base.model_dump(mode="json"), key, v))
+                except ValidationError as e:
+                    raise ValueError(f"search.{key}: value {v!r} is invalid ({format_validation_error(e)})") from None
+            if spec.kind == "grid" and self.tune.search_alg != "grid":
+                raise ValueError(f"search.{key}: 'grid' needs tune.search_alg: grid")
+            if spec.kind != "grid" and self.tune.search_alg == "grid" and spec.kind != "choice":
+                raise ValueError(f"search.{key}: tune.search_alg grid takes only grid/choice dimensions")
+        return self
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    data = deep_merge(load_yaml(path), parse_overrides(overrides or []))
+    try:
+        return SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

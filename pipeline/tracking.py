@@ -87,6 +87,16 @@ class Tracker:
         self.log_params(params)
         return self.run_id
 
+    def find_trial_run(self, experiment: str, trial_id: str, parent_run_id: Optional[str]) -> Optional[str]:
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        query = f"tags.`rlora.trial_id` = '{trial_id}'"
+        if parent_run_id:
+            query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+        runs = self.client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -100,6 +100,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.models import load_model
     from pipeline.tracking import Tracker
 
+    t_enter = time.perf_counter()
     cfg = RunConfig.model_validate(loop_config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -135,7 +136,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     if tracker and start == 0 and cfg.train.eval_at_start:
         tracker.log_metrics(evaluate(model, tok, mix.held_out, cfg.data.max_length), step=0)
-    t_last = time.perf_counter()
+    t_last = t_loop = time.perf_counter()
+    timing = {"time/setup_s": t_loop - t_enter}
     for step in range(start + 1, cfg.train.steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         ddp_model.train()
@@ -150,7 +152,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             dist.all_reduce(stats)
             stats[0] /= world
         if not math.isfinite(stats[0].item()):
-            raise FloatingPointError(f"loss is {stats[0].item()} at step {step}")
+            # Every rank sees the same all-reduced loss, so all stop here together. Reporting (not
+            # raising) keeps Ray Train from retrying a deterministic divergence; the driver fails the run.
+            if tracker:
+                tracker.set_tags({"nan_loss_step": step})
+            ray.train.report({"step": step, "nan_loss": 1.0, **loop_config.get("nan_metrics", {})}, checkpoint=None)
+            return
         now = time.perf_counter()
         if tracker:
             tracker.log_metrics({"train/loss": stats[0].item(), "train/lr": sched.get_last_lr()[0],
@@ -164,11 +171,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         do_ckpt = final or step % cfg.train.checkpoint_every == 0
         if not (do_eval or do_ckpt):
             continue
-        metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item()}
+        metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item(), **timing}
         if rank == 0 and do_eval:
             evals = evaluate(model, tok, mix.held_out, cfg.data.max_length)
             metrics.update(evals)
+            metrics["time/loop_s"] = time.perf_counter() - t_loop
             tracker.log_metrics(evals, step=step)
+        metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         if rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(model, opt, sched, step, Path(tmp), final)
@@ -204,8 +213,15 @@ def _use_gpu(setting) -> bool:
 
 
 def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_id: Optional[str] = None,
-                 quiet: bool = False) -> dict[str, Any]:
-    """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir'}. Raises on failure."""
+                 quiet: bool = False, trial_id: Optional[str] = None, callbacks: Optional[list] = None,
+                 train_name: Optional[str] = None, storage_path: Optional[str] = None,
+                 nan_metrics: Optional[dict[str, float]] = None, extra_tags: Optional[dict[str, str]] = None,
+                 ) -> dict[str, Any]:
+    """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir', 'wall_s'}.
+
+    Raises on failure (``FloatingPointError`` when the loss diverged). Inside a sweep trial,
+    ``trial_id`` makes the MLflow child run unique per trial: a trial restarted after the
+    driver died logs into its existing run instead of creating a second one."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -223,9 +239,15 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     run_name = cfg.mlflow.run_name or f"{cfg.adapter.preset}-N{cfg.adapter.num_heads}-r{cfg.adapter.r}"
     params = {**cfg.model_dump(mode="json"), "resolved": {"model_path": model_path, "use_gpu": use_gpu,
               "rlora": cfg.adapter.to_rlora().to_dict()}}
-    run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params,
-                               tags={"config_file": config_path or "", "rlora.preset": cfg.adapter.preset},
-                               parent_run_id=parent_run_id)
+    tags = {"config_file": config_path or "", "rlora.preset": cfg.adapter.preset, **(extra_tags or {})}
+    existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
+    if existing:
+        run_id = tracker.run_id = existing
+        tracker.client.update_run(run_id, status="RUNNING")
+    else:
+        if trial_id:
+            tags["rlora.trial_id"] = trial_id
+        run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params, tags=tags, parent_run_id=parent_run_id)
     if not quiet:
         print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
 
@@ -233,12 +255,13 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,
-                           "tracking_uri": tracking_uri, "run_id": run_id},
+                           "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=f"train-{run_id}", storage_path=str(out_dir / "ray"),
+            name=train_name or f"train-{run_id}", storage_path=storage_path or str(out_dir / "ray"),
+            callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -251,6 +274,16 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     wall = time.time() - t0
+    nan_step = tracker.client.get_run(run_id).data.tags.get("nan_loss_step")  # set by rank 0
+    failure = None
+    if nan_step is not None:
+        failure = FloatingPointError(f"loss went NaN/inf at step {nan_step}")
+    elif result.checkpoint is None:
+        failure = RuntimeError("training ended without a checkpoint")
+    if failure is not None:
+        tracker.set_tags({"error": str(failure)})
+        tracker.finish("FAILED")
+        raise type(failure)(f"run {run_id}: {failure}")
     final_dir = out_dir / "runs" / run_id
     with result.checkpoint.as_directory() as d:
         import shutil

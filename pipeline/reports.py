@@ -1,0 +1,67 @@
+"""Sweep reports: trials table (markdown, CSV, HTML) and objective-vs-parameter scatter plots."""
+
+from __future__ import annotations
+
+import csv
+import html
+from pathlib import Path
+from typing import Any, Optional
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
+    cols = ["trial_id", "status", "steps", metric, *params, "mlflow_run"]
+    ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
+    md = out_dir / "trials.md"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in ordered]
+    md.write_text("\n".join(lines) + "\n")
+    csv_path = out_dir / "trials.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(ordered)
+    page = out_dir / "trials.html"
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in ordered)
+    page.write_text(f"<table border=1 cellpadding=4><tr>{head}</tr>{body}</table>\n")
+    return md, csv_path, page
+
+
+def plot_objective_vs_params(rows: list[dict], params: list[str], metric: str, path: Path) -> Optional[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [r for r in rows if r.get(metric) is not None]
+    if not pts or not params:
+        return None
+    fig, axes = plt.subplots(1, len(params), figsize=(3.4 * len(params), 3.0), squeeze=False)
+    colors = {"DONE": "C0", "STOPPED": "C1", "ERROR": "C3"}
+    for ax, p in zip(axes[0], params):
+        xs = [r.get(p) for r in pts]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        if not numeric:
+            cats = sorted({str(x) for x in xs})
+            xs = [cats.index(str(x)) for x in xs]
+            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+        elif min(xs) > 0 and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.scatter(xs, [r[metric] for r in pts], c=[colors.get(r["status"], "C7") for r in pts], s=22)
+        ax.set_xlabel(p)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle("objective vs hyper-parameters (blue: done, orange: stopped by ASHA)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

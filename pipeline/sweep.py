@@ -1,0 +1,296 @@
+"""``python -m pipeline.sweep <sweep.yaml> [--set key=value ...] [--resume [DIR]]``
+
+Ray Tune + Optuna (TPE, seeded; study persisted in sqlite) with an ASHA scheduler on the
+held-out metric. Each trial runs the Ray Train job of ``pipeline.train`` and reports to Tune
+through ``TuneReportCallback``. Trials hold no CPU themselves and at most
+``cluster CPUs // (workers x CPUs per worker)`` run at once, so a trial can never hold a CPU
+its own workers wait for. MLflow gets one parent run per sweep (search space, best config,
+trials table, objective-vs-parameter plot) and one nested child run per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+from pipeline.config import ConfigError, RunConfig, SweepConfig, load_sweep_config, set_path
+
+STATE_FILE = "sweep_state.json"
+
+
+# -------------------------------------------------------------------------------- search space
+def param_space(cfg: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    space = {}
+    for key, spec in cfg.search.items():
+        k = spec.kind
+        if k == "choice":
+            space[key] = tune.grid_search(spec.choice) if cfg.tune.search_alg == "grid" else tune.choice(spec.choice)
+        elif k == "grid":
+            space[key] = tune.grid_search(spec.grid)
+        elif k == "int":
+            space[key] = tune.randint(spec.int_[0], spec.int_[1] + 1)  # inclusive upper bound
+        elif k == "uniform":
+            space[key] = tune.uniform(*spec.uniform)
+        else:
+            space[key] = tune.loguniform(*spec.loguniform)
+    return space
+
+
+def trial_run_config(base: dict, params: dict[str, Any], sweep: dict) -> RunConfig:
+    data = json.loads(json.dumps(base))
+    for key, value in params.items():
+        set_path(data, key, value)
+    cfg = RunConfig.model_validate(data)
+    # every report must carry the objective for ASHA/Optuna: checkpoint only at eval steps
+    cfg.train.checkpoint_every = cfg.train.eval_every
+    cfg.mlflow.experiment = sweep["experiment"]
+    cfg.mlflow.run_name = sweep["trial_name"]
+    return cfg
+
+
+def _trial(params: dict[str, Any], ctx: dict) -> None:
+    """Tune trainable: one Ray Train run per trial."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train import run_training
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
+    worst = -1.0 if ctx["mode"] == "max" else 1e9
+    run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
+                 callbacks=[TuneReportCallback()], train_name=f"trial-{trial_id}",
+                 storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
+                 extra_tags={"rlora.sweep": ctx["sweep_name"]})
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+# -------------------------------------------------------------------------------- driver
+def concurrency(cfg: SweepConfig) -> int:
+    import ray
+
+    if cfg.tune.max_concurrent_trials != "auto":
+        return int(cfg.tune.max_concurrent_trials)
+    need = cfg.base.scaling.num_workers * cfg.base.scaling.cpus_per_worker
+    have = int(ray.cluster_resources().get("CPU", 1))  # trials hold no CPU
+    if need > have:
+        raise ConfigError(f"base.scaling: a trial needs {need} CPUs but the cluster has {have}")
+    return max(1, have // need)
+
+
+def _sweep_dir(cfg: SweepConfig, resume: Optional[str]) -> Path:
+    root = Path(cfg.base.output_dir).resolve() / "sweeps" / cfg.name
+    if resume is None:
+        d = root / datetime.now().strftime("%Y%m%d-%H%M%S")
+        d.mkdir(parents=True, exist_ok=False)
+        (root / "LATEST").write_text(d.name + "\n")
+        return d
+    if resume == "latest":
+        if not (root / "LATEST").is_file():
+            raise ConfigError(f"--resume: no earlier sweep named {cfg.name!r} under {root}")
+        return root / (root / "LATEST").read_text().strip()
+    return Path(resume).resolve()
+
+
+def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_uri: str, resume: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
+           "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
+           "train_storage": str(sweep_dir / "train")}
+    ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
+    # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
+    # starve its own workers on a small cluster): only a token of the memory resource.
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+    if resume:
+        return tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    search_alg = None
+    if cfg.tune.search_alg == "optuna":
+        storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
+        search_alg = OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed,
+                                  sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+                                  study_name=cfg.name, storage=storage)
+    if cfg.tune.scheduler == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.base.train.steps, grace_period=cfg.tune.grace_period,
+                                  reduction_factor=cfg.tune.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(cfg),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=search_alg,
+                                    scheduler=scheduler, num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir),
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+
+
+def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, Any]:
+    """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent."""
+    from pipeline.reports import plot_objective_vs_params, trials_table
+
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        trial_id = metrics.get("trial_id") or (Path(r.path).name if r.path else None)
+        child = tracker.find_trial_run(cfg.base.mlflow.experiment, trial_id, tracker.run_id) if trial_id else None
+        step = metrics.get("step")
+        if r.error is not None:
+            status = "ERROR"
+        elif step is not None and step < cfg.base.train.steps:
+            status = "STOPPED"  # by ASHA
+        else:
+            status = "DONE"
+        if child:
+            info = tracker.client.get_run(child).info
+            if info.status == "RUNNING":
+                tracker.client.set_tag(child, "tune.status", status)
+                tracker.client.set_terminated(child, "FAILED" if status == "ERROR" else "FINISHED")
+            else:
+                tracker.client.set_tag(child, "tune.status", status)
+        obj = metrics.get(cfg.tune.metric)
+        rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
+                     "setup_s": metrics.get("time/setup_s"),
+                     cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
+                     **{k: r.config.get(k) for k in cfg.search}})
+    ok = [row for row in rows if row[cfg.tune.metric] is not None and not math.isnan(row[cfg.tune.metric])
+          and row["status"] != "ERROR"]
+    best = (max if cfg.tune.mode == "max" else min)(ok, key=lambda row: row[cfg.tune.metric]) if ok else None
+    out = sweep_dir / "report"
+    out.mkdir(exist_ok=True)
+    md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out)
+    tracker.log_artifact(md, "trials")
+    tracker.log_artifact(csv_path, "trials")
+    tracker.log_artifact(html, "trials")
+    fig = plot_objective_vs_params(rows, list(cfg.search), cfg.tune.metric, out / "objective_vs_params.png")
+    if fig:
+        tracker.log_artifact(fig, "figures")
+    summary = {"trials": len(rows), "done": sum(r["status"] == "DONE" for r in rows),
+               "stopped": sum(r["status"] == "STOPPED" for r in rows),
+               "errored": sum(r["status"] == "ERROR" for r in rows)}
+    tracker.log_metrics({f"sweep/{k}": v for k, v in summary.items()}, step=0)
+    if best:
+        tracker.log_params({f"best.{k}": best[k] for k in cfg.search})
+        tracker.log_metrics({f"best/{cfg.tune.metric}": best[cfg.tune.metric]}, step=0)
+        tracker.set_tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run"] or ""})
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows}, indent=2,
+                                                 default=str) + "\n")
+    return {"summary": summary, "best": best, "rows": rows}
+
+
+def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) -> dict[str, Any]:
+    t0 = time.time()
+    from pipeline.models import resolve_model
+    from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
+    from pipeline.train import ensure_ray
+
+    tracking_uri = resolve_tracking_uri(cfg.base.mlflow.tracking_uri)
+    check_reachable(tracking_uri)
+    sweep_dir = _sweep_dir(cfg, resume)
+    tracker = Tracker(tracking_uri)
+    state_path = sweep_dir / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise ConfigError(f"--resume: {sweep_dir} is not a sweep directory (no {STATE_FILE})")
+        state = json.loads(state_path.read_text())
+        tracker.run_id = state["parent_run_id"]
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    else:
+        resolve_model(cfg.base.model)  # convert an embedded model once, before any trial starts
+        parent = tracker.start_run(cfg.base.mlflow.experiment, cfg.name, {
+            "search": {k: v.model_dump(by_alias=True, exclude_none=True) for k, v in cfg.search.items()},
+            "tune": cfg.tune.model_dump(mode="json"), "base": cfg.base.model_dump(mode="json")},
+            tags={"rlora.sweep": cfg.name, "sweep_dir": str(sweep_dir), "config_file": config_path})
+        state = {"parent_run_id": parent, "config": cfg.model_dump(mode="json", by_alias=True),
+                 "tracking_uri": tracking_uri, "started": time.time()}
+        state_path.write_text(json.dumps(state, indent=2) + "\n")
+    print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
+
+    try:
+        ensure_ray()
+        slots = concurrency(cfg)
+        tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume))
+        try:
+            results = tuner.fit()
+        except KeyboardInterrupt:
+            results = None
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
+            tracker.finish("FAILED")
+        raise
+    interrupted = results is None or any(
+        getattr(r, "metrics", None) is None and r.error is None for r in results)
+    if interrupted:
+        tracker.client.update_run(tracker.run_id, status="KILLED")
+        print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
+              file=sys.stderr)
+        return {"interrupted": True, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id}
+    out = summarize(cfg, results, tracker, sweep_dir)
+    wall = time.time() - t0
+    # share of the sweep's slot-time spent in training loops (steps + evals), the rest is Ray and
+    # worker start-up, model loading, scheduling and idle slots
+    loop_s = sum((row.get("loop_s") or 0.0) for row in out["rows"])
+    busy = loop_s / (wall * slots) if wall > 0 else 0.0
+    timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s,
+              "sweep/outside_training_fraction": 1.0 - busy}
+    tracker.log_metrics(timing, step=0)
+    out["timing"] = timing
+    tracker.finish("FINISHED")
+    return {**out, "wall_s": wall, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id,
+            "tracking_uri": tracking_uri, "experiment": cfg.base.mlflow.experiment}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="sweep YAML (see sweeps/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any field, e.g. --set tune.num_samples=16 --set base.train.steps=400")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
+                    help="continue an interrupted sweep (default: the latest one of this name)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_sweep_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out = run_sweep(cfg, args.config, args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if out.get("interrupted"):
+        return 130
+    s, best = out["summary"], out["best"]
+    print(f"\nsweep {cfg.name} finished in {out['wall_s']:.0f}s: {s['trials']} trials "
+          f"({s['done']} done, {s['stopped']} stopped early by ASHA, {s['errored']} failed)")
+    if best:
+        params = ", ".join(f"{k}={best[k]}" for k in cfg.search)
+        print(f"best {cfg.tune.metric} = {best[cfg.tune.metric]:.4f} (trial {best['trial_id']}): {params}")
+    t = out["timing"]
+    print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
+          f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s")
+    print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  -> experiment "
+          f"'{out['experiment']}', parent run {out['parent_run_id']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The sweep for real: Ray Tune + Optuna + ASHA over Ray Train trials, MLflow sqlite."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sweep_yaml(tmp_path, model_dir, name="t", search=None, tune=None, train=None):
+    cfg = {
+        "name": name,
+        "base": {
+            "model": str(model_dir),
+            "adapter": {"preset": "rlora", "r": 4, "num_heads": 2},
+            "data": {"tasks": ["sst2", "boolq"], "train_per_task": 48, "eval_per_task": 6, "max_length": 80},
+            "train": {"steps": 6, "batch_size": 2, "eval_every": 3, "eval_at_start": False, "lr": 1e-3,
+                      "warmup_steps": 1, **(train or {})},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
+            "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "sweeps"},
+            "output_dir": str(tmp_path / "out"),
+        },
+        "search": search or {"adapter.num_heads": {"choice": [2, 3]}, "adapter.gamma": {"loguniform": [16, 128]}},
+        "tune": {"num_samples": 2, "scheduler": "none", "seed": 0, **(tune or {})},
+    }
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def cli(args, timeout=900, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def mlflow_runs(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sweeps")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
+    proc = cli([str(sweep_yaml(tmp_path, tiny_model_dir))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "best eval/mean_acc" in proc.stdout and "parent run" in proc.stdout
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert len(children) == 2
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" and c.data.tags["tune.status"] == "DONE" for c in children)
+    assert len({c.data.tags["rlora.trial_id"] for c in children}) == 2
+    for c in children:  # each child: params, step metrics, adapter
+        assert c.data.params["adapter.num_heads"] in ("2", "3")
+        assert len(client.get_metric_history(c.info.run_id, "train/loss")) == 6
+        assert "adapter" in {a.path for a in client.list_artifacts(c.info.run_id)}
+    assert "search.adapter.gamma.loguniform" in parent.data.params
+    assert parent.data.params["best.adapter.num_heads"] in ("2", "3")
+    assert parent.data.metrics["sweep/trials"] == 2
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "trials")}
+    assert {"trials/trials.md", "trials/trials.csv", "trials/trials.html"} <= arts
+    assert "figures/objective_vs_params.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
+    # the Optuna study persists and can be inspected
+    import optuna
+
+    sweep_dir = Path(parent.data.tags["sweep_dir"])
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+
+
+@pytest.mark.slow
+def test_nan_trial_fails_while_the_others_complete(tmp_path, tiny_model_dir):
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.lr": {"grid": [1e-3, 1e12]}},
+                     tune={"search_alg": "grid", "num_samples": 1}, train={"grad_clip": 1e30})
+    proc = cli([str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 failed" in proc.stdout
+    _, parents, children = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FINISHED"
+    by_lr = {float(c.data.params["train.lr"]): c for c in children}
+    assert by_lr[1e-3].info.status == "FINISHED" and by_lr[1e-3].data.tags["tune.status"] == "DONE"
+    bad = by_lr[1e12]
+    assert bad.info.status == "FAILED" and bad.data.tags["tune.status"] == "ERROR"
+    assert "NaN" in bad.data.tags["error"]
+
+
+@pytest.mark.slow
+def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir):
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 4, "max_concurrent_trials": 1},
+                     train={"steps": 8, "eval_every": 4})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:  # wait for the first trial to finish, then kill the driver hard
+            time.sleep(2)
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            try:
+                _, _, children = mlflow_runs(tmp_path)
+            except Exception:  # database still being created
+                continue
+            if any(c.info.status == "FINISHED" for c in children):
+                break
+        else:
+            pytest.fail("no trial finished in time")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, _, before = mlflow_runs(tmp_path)
+    finished_before = {c.data.tags["rlora.trial_id"] for c in before if c.info.status == "FINISHED"}
+    assert 1 <= len(finished_before) < 4
+
+    resumed = cli([str(cfg), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["rlora.trial_id"] for c in children]
+    assert len(ids) == 4 and len(set(ids)) == 4  # every trial appears exactly once
+    assert all(c.info.status == "FINISHED" for c in children)
+    for c in children:  # trials finished before the kill were not rerun
+        if c.data.tags["rlora.trial_id"] in finished_before:
+            steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
+            assert sorted(steps) == list(range(1, 9))
+
+
+@pytest.mark.parametrize(
+    "patch,needle",
+    [
+        ({"serch": {}}, "serch: unknown key"),
+        ({"search": {"adapter.gamma": {"loguniform": [512, 8]}}}, "search.adapter.gamma: inverted or empty range [512.0, 8.0]"),
+        ({"search": {"data.tasks": {"choice": ["five_task", "qqp"]}}}, "search.data.tasks: value 'qqp' is invalid"),
+        ({"search": {"adapter.preset": {"choice": ["rlora", "moe"]}}}, "search.adapter.preset: value 'moe' is invalid"),
+        ({"base": {"adapter": {"rank": 4}}}, "base.adapter.rank: unknown key"),
+        ({"search": {"adapter.rank": {"choice": [4]}}}, "search.adapter.rank: not a run config field"),
+        ({"tune": {"num_samples": 0}}, "tune.num_samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, patch, needle):
+    from pipeline.config import deep_merge
+
+    cfg = deep_merge({"name": "bad", "search": {"adapter.r": {"choice": [4, 8]}}}, patch)
+    if "serch" in patch:
+        cfg.pop("search")
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    proc = cli([str(p)], timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_shipped_sweep_files_validate():
+    from pipeline.config import load_sweep_config
+
+    for name in ("smoke", "heads_gamma", "ablation"):
+        cfg = load_sweep_config(ROOT / "sweeps" / f"{name}.yaml")
+        assert cfg.name == name and cfg.search
+    ab = load_sweep_config(ROOT / "sweeps" / "ablation.yaml")
+    assert ab.search["adapter.preset"].grid == ["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"]
+    assert ab.search["train.seed"].grid == [0, 1, 2]
+    over = load_sweep_config(ROOT / "sweeps" / "heads_gamma.yaml", ["tune.num_samples=64", "base.train.steps=500"])
+    assert over.tune.num_samples == 64 and over.base.train.steps == 500
