@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine:
-#   make demo   - set up (venv if missing) and run the main job on the embedded model
+#   make sweep  - set up (venv if missing) and run the main job (the heads/gamma sweep) on the embedded model
 #   make test   - set up and run the whole test suite (slow end-to-end tests included)
 PY ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup demo train test test-fast bench clean
+.PHONY: setup sweep demo train test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(BIN)/.installed
+
+sweep: setup
+	$(BIN)/python -m pipeline.sweep sweeps/heads_gamma.yaml
 
 demo: setup
 	$(BIN)/python -m pipeline.demo

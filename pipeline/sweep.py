@@ -10,7 +10,6 @@ trials table, objective-vs-parameter plot) and one nested child run per trial.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -70,6 +69,15 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
                  callbacks=[TuneReportCallback()], train_name=f"trial-{trial_id}",
                  storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
                  extra_tags={"rlora.sweep": ctx["sweep_name"]})
+
+
+def expected_trials(cfg: SweepConfig) -> int:
+    if cfg.tune.search_alg == "optuna":
+        return cfg.tune.num_samples
+    n = cfg.tune.num_samples
+    for spec in cfg.search.values():
+        n *= len(spec.grid if spec.kind == "grid" else spec.choice)
+    return n
 
 
 def _trial_dirname(trial) -> str:
@@ -235,8 +243,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
             tracker.finish("FAILED")
         raise
-    interrupted = results is None or any(
-        getattr(r, "metrics", None) is None and r.error is None for r in results)
+    interrupted = results is None or results.num_errors + results.num_terminated < expected_trials(cfg)
     if interrupted:
         tracker.client.update_run(tracker.run_id, status="KILLED")
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
@@ -258,24 +265,17 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="sweep YAML (see sweeps/)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any field, e.g. --set tune.num_samples=16 --set base.train.steps=400")
+    from pipeline.cli import base_parser, fail, user_errors
+
+    ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue an interrupted sweep (default: the latest one of this name)")
     args = ap.parse_args(argv)
     try:
         cfg = load_sweep_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         out = run_sweep(cfg, args.config, args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except user_errors() as e:
+        return fail(e)
     if out.get("interrupted"):
         return 130
     s, best = out["summary"], out["best"]

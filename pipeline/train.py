@@ -13,7 +13,6 @@ logs the final adapter and figures (head-similarity heatmap and t-SNE, loss/grad
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import ConfigError, RunConfig, load_run_config
+from pipeline.config import RunConfig, load_run_config
 
 KILL_ENV = "RLORA_TEST_KILL_RANK_AT_STEP"  # "rank:step": SIGKILL that worker once (failure tests)
 TRAINER_STATE = "trainer_state.pt"
@@ -305,31 +304,17 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="run YAML (see examples/ and README)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, e.g. --set train.steps=20 (repeatable)")
-    args = ap.parse_args(argv)
+    from pipeline.cli import base_parser, fail, user_errors
+
+    args = base_parser("python -m pipeline.train", __doc__, "run YAML (see configs/)", "train.steps=20").parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         out = run_training(cfg, args.config)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001
-        from pipeline.models import ModelSpecError
-        from pipeline.tracking import TrackingError
-        from pipeline.data import DataError
-
-        if isinstance(e, (ModelSpecError, TrackingError, DataError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except user_errors() as e:
+        return fail(e)
     m = out["metrics"]
     accs = {k.split("/")[1]: v for k, v in m.items() if k.startswith("eval/") and k.endswith("/acc")}
     print(f"\nrun {out['run_id']} finished in {out['wall_s']:.0f}s; adapter: {out['adapter_dir']}")

@@ -1,0 +1,29 @@
+"""What the command-line entry points share: the parser skeleton and one-line user errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def base_parser(prog: str, doc: str, config_help: str, set_example: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help=config_help)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"override any field, e.g. --set {set_example} (repeatable)")
+    return ap
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: reported in one line with exit code 2, no traceback."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.models import ModelSpecError
+    from pipeline.tracking import TrackingError
+
+    return (ConfigError, DataError, ModelSpecError, TrackingError)
+
+
+def fail(e: BaseException) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return 2

@@ -1,0 +1,73 @@
+"""MMLU through lm-eval with the project's offline tasks, checked against an independent
+implementation of lm-eval's ``mmlu`` prompt + log-likelihood scoring."""
+
+import pytest
+import torch
+
+from eval.mmlu import LETTERS, load_all, mmlu_path
+from eval.run import evaluate, flatten_scores, metric_name, resolve_tasks
+
+SUBJECTS = ["abstract_algebra", "anatomy", "marketing", "world_religions", "high_school_us_history"]
+PER_SUBJECT = 4
+
+
+def test_mmlu_file_has_14042_questions_in_57_subjects():
+    data = load_all()
+    assert len(data) == 57 and sum(map(len, data.values())) == 14042  # 2 stray header rows dropped
+    assert mmlu_path().name == "mmlu.jsonl"
+    assert all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for rows in data.values() for r in rows)
+
+
+def test_task_names_and_metric_names():
+    assert resolve_tasks(["mmlu", "mmlu_continuation"], "local") == ["rlora_mmlu", "rlora_mmlu_continuation"]
+    assert resolve_tasks(["bbh"], "stock") == ["bbh"]
+    with pytest.raises(ValueError, match="no offline version"):
+        resolve_tasks(["hellaswag"], "local")
+    assert metric_name("rlora_mmlu") == "mmlu/avg"
+    assert metric_name("rlora_mmlu_stem") == "mmlu/stem"
+    assert metric_name("rlora_mmlu::rlora_mmlu_social_sciences") == "mmlu/social_sciences"
+    assert metric_name("rlora_mmlu_anatomy") == "mmlu/anatomy"
+    assert metric_name("rlora_mmlu_continuation_anatomy") == "mmlu_continuation/anatomy"
+    assert metric_name("mmlu_continuation") == "mmlu_continuation/avg"
+
+
+def independent_mmlu_predictions(model, tok, subject, rows):
+    """lm-eval's mmlu, re-implemented: description + question + lettered choices, continuation
+    ' A'..' D' scored by summed token log-probability, argmax."""
+    desc = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    preds = []
+    for r in rows:
+        ctx = desc + r["question"].strip() + "".join(f"\n{l}. {c}" for l, c in zip(LETTERS, r["choices"])) + "\nAnswer:"
+        scores = []
+        for letter in LETTERS:
+            # lm-eval encodes context+continuation together and splits at the context's length
+            whole = tok(ctx + " " + letter, add_special_tokens=False)["input_ids"]
+            n_ctx = len(tok(ctx, add_special_tokens=False)["input_ids"])
+            ids = torch.tensor([whole])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+            scores.append(sum(logp[i - 1, whole[i]].item() for i in range(n_ctx, len(whole))))
+        preds.append(max(range(4), key=scores.__getitem__))
+    return preds
+
+
+@pytest.mark.slow
+def test_project_mmlu_task_matches_independent_scoring():
+    from pipeline.models import load_model
+
+    tasks = [f"rlora_mmlu_{s}" for s in SUBJECTS]
+    res = evaluate("smollm2-135m-instruct", None, tasks, limit=PER_SUBJECT, num_fewshot=0, batch_size=8,
+                   log_samples=True)
+    model, tok = load_model("smollm2-135m-instruct")
+    model.eval()
+    data = load_all()
+    for s in SUBJECTS:
+        rows = data[s][:PER_SUBJECT]
+        preds = independent_mmlu_predictions(model, tok, s, rows)
+        samples = sorted(res["samples"][f"rlora_mmlu_{s}"], key=lambda x: x["doc_id"])
+        lm_eval_preds = [max(range(4), key=lambda i: x["filtered_resps"][i][0]) for x in samples]
+        assert lm_eval_preds == preds, s
+        ours = sum(p == r["answer"] for p, r in zip(preds, rows)) / len(rows)
+        assert res["results"][f"rlora_mmlu_{s}"]["acc,none"] == pytest.approx(ours)
+    again = evaluate("smollm2-135m-instruct", None, tasks, limit=PER_SUBJECT, num_fewshot=0, batch_size=8)
+    assert flatten_scores(again["results"]) == flatten_scores(res["results"])  # stable run to run
