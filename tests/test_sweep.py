@@ -178,3 +178,35 @@ def test_shipped_sweep_files_validate():
     assert ab.search["train.seed"].grid == [0, 1, 2]
     over = load_sweep_config(ROOT / "sweeps" / "heads_gamma.yaml", ["tune.num_samples=64", "base.train.steps=500"])
     assert over.tune.num_samples == 64 and over.base.train.steps == 500
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir):
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1},
+                     train={"steps": 8, "eval_every": 4})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline:  # interrupt once the first trial has finished
+        time.sleep(2)
+        try:
+            _, _, children = mlflow_runs(tmp_path)
+        except Exception:
+            continue
+        if any(c.info.status == "FINISHED" for c in children):
+            break
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "sweep interrupted; resume with:" in err and "--resume" in err
+    _, parents, _ = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "KILLED"
+    resume_cmd = err.split("resume with:")[1].split()
+    assert resume_cmd[:3] == ["python", "-m", "pipeline.sweep"]
+    done = cli(resume_cmd[3:])
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, parents, children = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FINISHED"
+    ids = [c.data.tags["rlora.trial_id"] for c in children]
+    assert len(ids) == 3 == len(set(ids)) and all(c.info.status == "FINISHED" for c in children)
