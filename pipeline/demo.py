@@ -18,61 +18,15 @@ from pathlib import Path
 import torch
 
 import rlora
+from pipeline.batching import LengthAwareBatches, encode_example
 from pipeline.data import DataError, load_sst2
 from pipeline.models import DEFAULT_MODEL, ModelSpecError, load_model
+from pipeline.scoring import choice_accuracy_by_task
 from rlora.analysis import head_similarity, plot_head_similarity, similarity_summary
 
 
-@torch.no_grad()
-def choice_accuracy(model, tok, examples, batch_size=16) -> float:
-    """Fraction of examples whose gold choice has the highest summed log-likelihood."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        texts, spans = [], []
-        for ex in chunk:
-            p = tok(ex.prompt)["input_ids"]
-            for c in ex.choices:
-                full = tok(ex.prompt + c)["input_ids"]
-                texts.append(full)
-                spans.append(len(p))
-        width = max(map(len, texts))
-        ids = torch.full((len(texts), width), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for j, t in enumerate(texts):
-            ids[j, : len(t)] = torch.tensor(t)
-            mask[j, : len(t)] = 1
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
-        tgt = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        scores = [tgt[j, spans[j] - 1 : len(t) - 1].sum().item() for j, t in enumerate(texts)]
-        k = 0
-        for ex in chunk:
-            s = scores[k : k + len(ex.choices)]
-            correct += int(max(range(len(s)), key=s.__getitem__) == ex.gold)
-            k += len(ex.choices)
-    return correct / len(examples)
-
-
-def batches(tok, examples, batch_size, rng):
-    """Endless shuffled batches with the loss on the answer tokens only."""
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            seqs, labels = [], []
-            for ex in (examples[j] for j in order[i : i + batch_size]):
-                p = tok(ex.prompt)["input_ids"]
-                full = tok(ex.prompt + ex.answer)["input_ids"] + [tok.eos_token_id]
-                seqs.append(full)
-                labels.append([-100] * len(p) + full[len(p) :])
-            width = max(map(len, seqs))
-            ids = torch.full((len(seqs), width), tok.pad_token_id)
-            lab = torch.full((len(seqs), width), -100)
-            mask = torch.zeros_like(ids)
-            for j, (s, l) in enumerate(zip(seqs, labels)):
-                ids[j, : len(s)], lab[j, : len(l)], mask[j, : len(s)] = torch.tensor(s), torch.tensor(l), 1
-            yield {"input_ids": ids, "attention_mask": mask, "labels": lab}
+def accuracy(model, tok, examples) -> float:
+    return choice_accuracy_by_task(model, tok, examples)["sst2"]
 
 
 def main(argv=None) -> int:
@@ -108,7 +62,7 @@ def main(argv=None) -> int:
     train = rng.sample(train, min(args.train_examples, len(train)))
     held_out = held_out[: args.eval_examples]
 
-    acc_before = choice_accuracy(base, tok, held_out)
+    acc_before = accuracy(base, tok, held_out)
     print(f"held-out SST-2 accuracy, base model: {acc_before:.3f} ({len(held_out)} examples)")
 
     torch.manual_seed(args.seed)
@@ -117,7 +71,9 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model.train()
     t0 = time.time()
-    for step, batch in zip(range(1, args.steps + 1), batches(tok, train, args.batch_size, rng)):
+    stream = LengthAwareBatches([encode_example(tok, ex, 256) for ex in train], args.batch_size, tok.pad_token_id,
+                                seed=args.seed)
+    for step, batch in zip(range(1, args.steps + 1), stream.for_rank(0, 1)):
         loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -125,7 +81,7 @@ def main(argv=None) -> int:
         if step == 1 or step % 10 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - t0:.0f}s)", flush=True)
 
-    acc_after = choice_accuracy(model, tok, held_out)
+    acc_after = accuracy(model, tok, held_out)
     print(f"held-out SST-2 accuracy, {args.preset}: {acc_after:.3f}")
 
     args.out.mkdir(parents=True, exist_ok=True)
