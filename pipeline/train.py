@@ -189,8 +189,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------- driver side
 def ensure_ray(quiet: bool = False) -> None:
-    """Connect to RAY_ADDRESS if set, else start a local Ray on loopback. The dashboard stays
-    on: Ray Train's placement-group cleaner queries the state API it serves."""
+    """Connect to RAY_ADDRESS if set, else start a local single-node Ray (dashboard bound to
+    127.0.0.1). The dashboard stays on: Ray Train's placement-group cleaner queries the state
+    API it serves."""
     import ray
 
     if ray.is_initialized():
@@ -199,8 +200,8 @@ def ensure_ray(quiet: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=not quiet, runtime_env={"env_vars": env})
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet,
+                 runtime_env={"env_vars": env})
 
 
 def _use_gpu(setting) -> bool:
