@@ -46,7 +46,7 @@ def metric_name(task: str) -> Optional[str]:
     """lm-eval task/group name -> our MLflow metric name (mmlu/avg, mmlu/stem, mmlu/anatomy, ...).
     Nested groups come back as ``parent::child``."""
     task = task.split("::")[-1]
-    for local, stock in ((v, k) for k, v in LOCAL_NAMES.items()):
+    for stock, local in LOCAL_NAMES.items():
         for prefix in (local, stock):
             if task == prefix:
                 return f"{stock}/avg"

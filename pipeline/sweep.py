@@ -166,12 +166,9 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, 
         else:
             status = "DONE"
         if child:
-            info = tracker.client.get_run(child).info
-            if info.status == "RUNNING":
-                tracker.client.set_tag(child, "tune.status", status)
+            tracker.client.set_tag(child, "tune.status", status)
+            if tracker.client.get_run(child).info.status == "RUNNING":  # stopped by ASHA, or died
                 tracker.client.set_terminated(child, "FAILED" if status == "ERROR" else "FINISHED")
-            else:
-                tracker.client.set_tag(child, "tune.status", status)
         obj = metrics.get(cfg.tune.metric)
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
                      "setup_s": metrics.get("time/setup_s"),
