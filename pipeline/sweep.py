@@ -65,10 +65,13 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
     worst = -1.0 if ctx["mode"] == "max" else 1e9
-    run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
-                 callbacks=[TuneReportCallback()], train_name=f"trial-{trial_id}",
-                 storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
-                 extra_tags={"rlora.sweep": ctx["sweep_name"]})
+    out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
+                       callbacks=[TuneReportCallback()], train_name=f"trial-{trial_id}",
+                       storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
+                       extra_tags={"rlora.sweep": ctx["sweep_name"]})
+    # A trial re-run by --resume whose Train run had already finished reports nothing through the
+    # callback; hand Tune the final checkpoint's metrics (a repeat is harmless otherwise).
+    tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
 
 
 def expected_trials(cfg: SweepConfig) -> int:
