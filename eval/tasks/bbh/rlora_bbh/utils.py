@@ -1,0 +1,3 @@
+"""lm-eval loads this file by path: the project's BBH loader."""
+
+from eval.bbh import load_bbh  # noqa: F401
