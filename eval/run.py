@@ -1,11 +1,14 @@
-"""``python -m eval.run --adapter <dir | MLflow run id | none> --tasks mmlu,mmlu_continuation``
+"""``python -m eval.run --adapter <dir | MLflow run id | models:/name/version | none> --tasks bbh,mmlu``
+``python -m eval.run --sweep <parent run id>``
 
 Scores the base model, or base + an R-LoRA adapter, with lm-eval's ``simple_evaluate`` over
 ``HFLM(pretrained=<loaded model>)``. Offline (the default, ``--task-source local``) the stock
-names map to this project's tasks in ``eval/tasks`` (data from the installed wheels);
-``--task-source stock`` passes names straight to lm-eval for machines with the hub.
-Scores are printed, written as JSON and, with ``--mlflow-run`` (or an adapter given as a
-run id), logged to that MLflow run as ``mmlu/<subject>``, ``mmlu/<category>``, ``mmlu/avg``.
+names (bbh, bbh_fewshot, bbh_zeroshot, mmlu, mmlu_continuation) map to this project's tasks in
+``eval/tasks`` (data from the data directory and the installed wheels), plus the training
+mixtures' held-out splits (heldout_<task|mixture>); ``--task-source stock`` passes names
+straight to lm-eval for machines with the hub. Scores are printed, written as JSON and, with
+``--mlflow-run`` (or an adapter given as a run id), logged to that run as ``<family>/<subtask>``
+and ``<family>/avg``. ``--sweep`` runs the eval stage of a finished sweep (see eval/stage.py).
 """
 
 from __future__ import annotations
@@ -19,42 +22,77 @@ from pathlib import Path
 from typing import Any, Optional
 
 TASK_DIR = Path(__file__).parent / "tasks"
-LOCAL_NAMES = {"mmlu": "rlora_mmlu", "mmlu_continuation": "rlora_mmlu_continuation"}
+# family (the metric prefix and the name users pass) -> (our offline group, lm-eval's stock group,
+# stock subtask prefix). Subtask and category metrics are <family>/<name>; the group is <family>/avg.
+FAMILIES = {
+    "mmlu": ("rlora_mmlu", "mmlu", "mmlu_"),
+    "mmlu_continuation": ("rlora_mmlu_continuation", "mmlu_continuation", "mmlu_continuation_"),
+    "bbh": ("rlora_bbh", "bbh", "bbh_cot_fewshot_"),
+    "bbh_fewshot": ("rlora_bbh_fewshot", "bbh_fewshot", "bbh_fewshot_"),
+    "bbh_zeroshot": ("rlora_bbh_zeroshot", "bbh_zeroshot", "bbh_zeroshot_"),
+}
+LOCAL_NAMES = {family: local for family, (local, _, _) in FAMILIES.items()}
 CATEGORY_GROUPS = ("stem", "other", "social_sciences", "humanities")
+# the metric each task family is scored by, in lm-eval's "<metric>,<filter>" result keys
+SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extract", "exact_match,strip",
+              "exact_match,none")
 
 
 class EvalInputError(ValueError):
     pass
 
 
+def local_names() -> dict[str, str]:
+    """Every name --tasks accepts offline -> our lm-eval task or group."""
+    from eval.heldout import heldout_names
+
+    return {**LOCAL_NAMES, **heldout_names()}
+
+
 def resolve_tasks(names: list[str], source: str) -> list[str]:
-    if source == "stock":
+    if source == "stock":  # lm-eval's own tasks (their datasets come from the hub)
+        from lm_eval.tasks import TaskManager
+
+        known_stock = set(TaskManager().all_tasks)
+        for n in names:
+            if n not in known_stock:
+                raise EvalInputError(f"--tasks: {n!r} is not an lm-eval task or group")
         return names
+    known = local_names()
     out = []
     for n in names:
-        if n in LOCAL_NAMES:
-            out.append(LOCAL_NAMES[n])
-        elif n.startswith("rlora_"):
+        if n in known:
+            out.append(known[n])
+        elif n in known.values():
             out.append(n)
         else:
-            raise EvalInputError(f"--tasks: {n!r} has no offline version; known: {', '.join(LOCAL_NAMES)} "
+            raise EvalInputError(f"--tasks: {n!r} has no offline version; known: {', '.join(known)} "
                                  "(or use --task-source stock where the hub is reachable)")
     return out
 
 
+def _prefixes() -> list[tuple[str, str]]:
+    """(task-name prefix, family), longest first so rlora_bbh_fewshot_x is not read as rlora_bbh + fewshot_x."""
+    from eval.heldout import heldout_names
+
+    pairs = []
+    for family, (local, stock, stock_sub) in FAMILIES.items():
+        pairs += [(local, family), (stock, family), (stock_sub.rstrip("_"), family)]
+    pairs += [(local, "heldout") for local in heldout_names().values()]
+    return sorted(set(pairs), key=lambda p: -len(p[0]))
+
+
 def metric_name(task: str) -> Optional[str]:
-    """lm-eval task/group name -> our MLflow metric name (mmlu/avg, mmlu/stem, mmlu/anatomy, ...).
-    Nested groups come back as ``parent::child``."""
+    """lm-eval task/group name -> our MLflow metric name (mmlu/avg, mmlu/stem, bbh/navigate,
+    heldout/sst2, ...). Nested groups come back as ``parent::child``."""
     task = task.split("::")[-1]
-    for stock, local in LOCAL_NAMES.items():
-        for prefix in (local, stock):
-            if task == prefix:
-                return f"{stock}/avg"
-            if task.startswith(prefix + "_"):
-                rest = task[len(prefix) + 1 :]
-                if stock == "mmlu" and rest.startswith("continuation"):
-                    continue
-                return f"{stock}/{rest}"
+    for prefix, family in _prefixes():
+        if family == "heldout" and task == prefix:
+            return f"heldout/{prefix.removeprefix('rlora_heldout_')}"
+        if task == prefix:
+            return f"{family}/avg"
+        if task.startswith(prefix + "_"):
+            return f"{family}/{task[len(prefix) + 1:]}"
     return None
 
 
@@ -62,9 +100,9 @@ def flatten_scores(results: dict[str, dict]) -> dict[str, float]:
     out = {}
     for task, metrics in results.items():
         name = metric_name(task)
-        acc = metrics.get("acc,none")
-        if name and isinstance(acc, (int, float)):
-            out[name] = float(acc)
+        score = next((metrics[k] for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))), None)
+        if name and score is not None:
+            out[name] = float(score)
     return out
 
 
@@ -83,7 +121,17 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
             mlflow.set_tracking_uri(tracking_uri)
         local = mlflow.artifacts.download_artifacts(run_id=adapter, artifact_path="adapter")
         return local, adapter
-    raise EvalInputError(f"--adapter: {adapter!r} is neither a directory, an MLflow run id, nor 'none'")
+    if adapter.startswith("models:/"):
+        import mlflow
+
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=adapter, tracking_uri=tracking_uri)
+        except Exception as e:
+            raise EvalInputError(f"--adapter: {adapter} not found in the registry of {tracking_uri} "
+                                 f"({str(e).splitlines()[0][:200]})") from None
+        return local, None
+    raise EvalInputError(f"--adapter: {adapter!r} is neither a directory, an MLflow run id, "
+                         "models:/<name>/<version>, nor 'none'")
 
 
 def evaluate(model_spec: str, adapter_dir: Optional[str], tasks: list[str], limit: Optional[float],
@@ -111,42 +159,107 @@ def evaluate(model_spec: str, adapter_dir: Optional[str], tasks: list[str], limi
                                    numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
+def _print_scores(scores: dict[str, float]) -> None:
+    from eval.stage import headline
+
+    for k, v in headline(scores).items():
+        print(f"{k:32s} {v:.4f}")
+
+
+def run_sweep_stage(args, tracking_uri: str) -> int:
+    """``--sweep <parent run id>``: the eval stage of a finished sweep, with its YAML's eval
+    settings unless overridden on the command line."""
+    import mlflow
+
+    from pipeline.config import SweepConfig
+    from eval.stage import EvalStageError, run_eval_stage
+
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=args.sweep, artifact_path="sweep_config.json",
+                                                   tracking_uri=tracking_uri)
+    except Exception as e:
+        raise EvalInputError(f"--sweep: {args.sweep} is not a sweep parent run in {tracking_uri} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    data = json.loads(Path(path).read_text())
+    for key, value in (("top_k", args.top_k), ("limit", args.limit), ("num_fewshot", args.num_fewshot),
+                       ("gen_kwargs", args.gen_kwargs), ("task_source", args.task_source)):
+        if value is not None:
+            data.setdefault("eval", {})[key] = value
+    if args.tasks:
+        data.setdefault("eval", {})["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    from pydantic import ValidationError
+
+    from pipeline.config import ConfigError, format_validation_error
+
+    try:
+        cfg = SweepConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+    out_dir = args.out or Path("outputs") / "eval" / f"sweep-{args.sweep}"
+    try:
+        out = run_eval_stage(args.sweep, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
+                             cfg.name, list(cfg.search), Path(out_dir))
+    except EvalStageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print((Path(out_dir) / "comparison.md").read_text().rstrip())
+    print(f"evaluated {out['evaluated'] or 'nothing new'}; already scored with these settings: {out['cached'] or 'none'}; "
+          f"registered model '{out['registry']}' versions {out['versions']}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", required=True, help="adapter directory, MLflow run id, or 'none' (base model)")
-    ap.add_argument("--tasks", default="mmlu", help="comma-separated: mmlu, mmlu_continuation")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--adapter", help="adapter directory, MLflow run id, models:/<name>/<version>, or 'none' (base)")
+    which.add_argument("--sweep", metavar="PARENT_RUN_ID", help="run (or re-run) the eval stage of a finished sweep")
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated: bbh, bbh_fewshot, bbh_zeroshot, mmlu, mmlu_continuation, "
+                         "heldout_<task|mixture> (default bbh,mmlu; with --sweep, the sweep YAML's)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=float, default=None, help="examples per subtask (or a fraction)")
     ap.add_argument("--num-fewshot", type=int, default=None)
+    ap.add_argument("--gen-kwargs", default=None, help="lm-eval generation override, e.g. max_gen_toks=256")
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--task-source", choices=["local", "stock"], default="local")
+    ap.add_argument("--top-k", type=int, default=None, help="with --sweep: how many of the best trials")
+    ap.add_argument("--task-source", choices=["local", "stock"], default=None,
+                    help="local (default): offline tasks in eval/tasks; stock: lm-eval's own (needs the hub)")
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     ap.add_argument("--mlflow-run", default=None, help="log the scores to this MLflow run")
-    ap.add_argument("--out", type=Path, default=None, help="JSON output (default outputs/eval/<adapter>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="output (default outputs/eval/...)")
     args = ap.parse_args(argv)
     from pipeline.cli import fail, user_errors
 
     try:
-        from pipeline.tracking import resolve_tracking_uri
+        from pipeline.tracking import check_reachable, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
-        tasks = resolve_tasks([t.strip() for t in args.tasks.split(",") if t.strip()], args.task_source)
+        check_reachable(tracking_uri)
+        if args.sweep:
+            return run_sweep_stage(args, tracking_uri)
+        tasks = resolve_tasks([t.strip() for t in (args.tasks or "bbh,mmlu").split(",") if t.strip()],
+                              args.task_source or "local")
         adapter_dir, run_from_adapter = load_adapter_dir(args.adapter, tracking_uri)
     except (EvalInputError, *user_errors()) as e:
         return fail(e)
-    t0 = time.time()
-    res = evaluate(args.model, adapter_dir, tasks, args.limit, args.num_fewshot, args.batch_size)
-    scores = flatten_scores(res["results"])
-    wall = time.time() - t0
-    for k in sorted(scores):
-        if k.endswith("/avg") or k.split("/")[1] in CATEGORY_GROUPS:
-            print(f"{k:32s} {scores[k]:.4f}")
-    print(f"({len(scores)} scores, {wall:.0f}s)")
+    from eval.harness import EvalJob, EvalSettings, Evaluator
+
+    settings = EvalSettings(model=args.model, tasks=tuple(tasks), limit=args.limit, num_fewshot=args.num_fewshot,
+                            batch_size=args.batch_size, gen_kwargs=args.gen_kwargs)
+    res = Evaluator(settings).evaluate(EvalJob(args.adapter, adapter_dir))
+    if res["error"]:
+        print(res.get("traceback", ""), file=sys.stderr)
+        print(f"error: {res['error']}", file=sys.stderr)
+        return 1
+    scores = res["scores"]
+    _print_scores(scores)
+    print(f"({len(scores)} scores, {res['wall_s']:.0f}s)")
     out = args.out or Path("outputs") / "eval" / f"{Path(args.adapter).name or 'adapter'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"adapter": args.adapter, "tasks": tasks, "limit": args.limit,
-                               "num_fewshot": args.num_fewshot, "scores": scores, "wall_s": wall}, indent=2) + "\n")
+    out.write_text(json.dumps({"adapter": args.adapter, "tasks": tasks, "settings": settings.__dict__,
+                               "signature": settings.signature(), "scores": scores, "n_samples": res["n_samples"],
+                               "wall_s": res["wall_s"]}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     run_id = args.mlflow_run or run_from_adapter
     if run_id:

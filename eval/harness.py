@@ -1,0 +1,174 @@
+"""Evaluation workers: the base model is loaded once per worker and adapters are swapped on it.
+
+``Evaluator`` scores one job (the base model, or base + one adapter) with
+``lm_eval.simple_evaluate(HFLM(pretrained=<loaded model>))``. An adapter is attached with PEFT,
+evaluated, then unloaded again: R-LoRA never edits the base weights (its init correction is a
+separate frozen term), so unloading restores the base exactly. ``evaluate_jobs`` runs many jobs
+in parallel as Ray actors, one per GPU or per CPU slot, with a progress bar over jobs; a job that
+fails is reported with its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+TASK_DIR = Path(__file__).parent / "tasks"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    model: str = "smollm2-135m-instruct"
+    tasks: tuple[str, ...] = ("rlora_bbh", "rlora_mmlu")  # lm-eval names (see eval.run.resolve_tasks)
+    limit: Optional[float] = None
+    num_fewshot: Optional[int] = None
+    batch_size: int = 16
+    gen_kwargs: Optional[str] = None  # lm-eval's override string, e.g. "max_gen_toks=256"
+    seed: int = 0
+
+    def signature(self) -> str:
+        """Identifies what was measured; the same signature means the same numbers."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class EvalJob:
+    name: str  # "base" or a label such as the trial id
+    adapter_dir: Optional[str] = None  # None: the base model; a directory, or runs:/... / models:/...
+    run_id: Optional[str] = None  # the MLflow run the scores belong to
+    tracking_uri: Optional[str] = None  # where runs:/ and models:/ adapters are fetched from (by the worker)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Holds one base model; ``evaluate(job)`` attaches the job's adapter, scores, detaches it."""
+
+    def __init__(self, settings: EvalSettings, device: Optional[str] = None, threads: Optional[int] = None):
+        import torch
+
+        from pipeline.models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.settings = settings
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.base, self.tok = load_model(settings.model)
+        self.base.to(self.device).eval()
+        self.jobs_done = 0
+
+    def evaluate(self, job: EvalJob) -> dict[str, Any]:
+        t0 = time.time()
+        try:
+            scores, n = self._score(self._fetch(job))
+            return {"name": job.name, "run_id": job.run_id, "scores": scores, "n_samples": n,
+                    "wall_s": time.time() - t0, "error": None, "pid": os.getpid(), "meta": job.meta}
+        except Exception as e:  # one bad adapter must not cost the other jobs
+            return {"name": job.name, "run_id": job.run_id, "scores": {}, "n_samples": {}, "wall_s": time.time() - t0,
+                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "pid": os.getpid(),
+                    "meta": job.meta}
+        finally:
+            self.jobs_done += 1
+
+    @staticmethod
+    def _fetch(job: EvalJob) -> Optional[str]:
+        """A local adapter directory; MLflow URIs are downloaded here, on the worker's own node."""
+        if job.adapter_dir and job.adapter_dir.startswith(("runs:/", "models:/")):
+            import mlflow
+
+            return mlflow.artifacts.download_artifacts(artifact_uri=job.adapter_dir, tracking_uri=job.tracking_uri)
+        return job.adapter_dir
+
+    def _score(self, adapter_dir: Optional[str]) -> tuple[dict[str, float], dict[str, int]]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+
+        from eval.run import flatten_scores
+
+        for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
+            logging.getLogger(name).setLevel(logging.ERROR)
+        model = self.base
+        if adapter_dir:
+            import rlora
+
+            model = rlora.from_pretrained(self.base, adapter_dir).to(self.device)
+        try:
+            model.eval()
+            s = self.settings
+            lm = HFLM(pretrained=model, tokenizer=self.tok, batch_size=s.batch_size, device=self.device)
+            res = lm_eval.simple_evaluate(
+                model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
+                task_manager=TaskManager(include_path=str(TASK_DIR)), bootstrap_iters=0, random_seed=s.seed,
+                numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed)
+        finally:
+            if adapter_dir:
+                self.base = model.unload()  # the adapter layers out, the untouched base modules back
+        n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
+        return flatten_scores(res["results"]), n
+
+
+def eval_slots(use_gpu: bool, cpus_per_worker: int) -> int:
+    import ray
+
+    res = ray.cluster_resources()
+    if use_gpu:
+        return max(int(res.get("GPU", 0)), 1)
+    return max(int(res.get("CPU", 1)) // cpus_per_worker, 1)
+
+
+def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Optional[int] = None,
+                  cpus_per_worker: int = 1, use_gpu: Optional[bool] = None, progress: bool = True) -> list[dict]:
+    """Run ``jobs`` on Ray actors (each loads the base model once) and return their results in job order."""
+    import ray
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline.train import ensure_ray
+
+    if not jobs:
+        return []
+    ensure_ray()
+    use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    n_workers = min(len(jobs), max_workers or eval_slots(use_gpu, cpus_per_worker))
+    actor_cls = ray.remote(Evaluator).options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)
+    actors = [actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
+              for _ in range(n_workers)]
+    results: list[Optional[dict]] = [None] * len(jobs)
+    pending: dict[Any, tuple[int, Any]] = {}
+    queue = list(range(len(jobs)))
+    bar = tqdm(total=len(jobs), desc=f"eval ({n_workers} worker{'s' if n_workers > 1 else ''})", unit="model",
+               disable=not progress)
+    try:
+        for actor in actors:
+            if queue:
+                i = queue.pop(0)
+                pending[actor.evaluate.remote(jobs[i])] = (i, actor)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except Exception as e:  # the actor died (out of memory, killed): record it, keep going
+                results[i] = {"name": jobs[i].name, "run_id": jobs[i].run_id, "scores": {}, "n_samples": {},
+                              "wall_s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                              "meta": jobs[i].meta}
+                actor = actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
+                actors.append(actor)
+            bar.update(1)
+            bar.set_postfix_str(f"{jobs[i].name} {'failed' if results[i]['error'] else 'done'}")
+            if queue:
+                j = queue.pop(0)
+                pending[actor.evaluate.remote(jobs[j])] = (j, actor)
+    finally:
+        bar.close()
+        for actor in actors:
+            ray.kill(actor)
+    return results  # type: ignore[return-value]

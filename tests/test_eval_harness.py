@@ -1,0 +1,154 @@
+"""Eval workers: one base model, adapters swapped on it; parallel Ray actors; held-out tasks."""
+
+import os
+
+import pytest
+import torch
+
+from eval.harness import EvalJob, EvalSettings, Evaluator, evaluate_jobs
+from eval.run import evaluate, flatten_scores, metric_name, resolve_tasks
+
+N = 12
+
+
+def make_adapter(model_dir, out, seed):
+    """A saved R-LoRA adapter whose heads have been moved off their init (so it changes outputs)."""
+    import rlora
+    from pipeline.models import load_model
+
+    base, _ = load_model(str(model_dir))
+    torch.manual_seed(seed)
+    model = rlora.get_peft_model(base, rlora.RLoraConfig(r=4, num_heads=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "rlora_B" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    return [make_adapter(tiny_model_dir, d / f"a{i}", seed=i) for i in range(2)]
+
+
+def settings_for(model_dir, **kw):
+    return EvalSettings(model=str(model_dir), tasks=("rlora_heldout_sst2", "rlora_heldout_boolq"), limit=N, **kw)
+
+
+def base_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_adapters_swap_on_one_base_without_leaking(tiny_model_dir, adapters):
+    from pipeline.models import load_model
+
+    ev = Evaluator(settings_for(tiny_model_dir), device="cpu")
+    ids = torch.arange(1, 17)[None]
+    fresh, _ = load_model(str(tiny_model_dir))
+    base1 = ev.evaluate(EvalJob("base"))
+    a0 = ev.evaluate(EvalJob("a0", adapters[0]))
+    a1 = ev.evaluate(EvalJob("a1", adapters[1]))
+    base2 = ev.evaluate(EvalJob("base"))
+    assert not any(r["error"] for r in (base1, a0, a1, base2))
+    assert base1["scores"] == base2["scores"]
+    assert set(base1["scores"]) == {"heldout/sst2", "heldout/boolq"}
+    # the unloaded model is the untouched base, bit for bit
+    assert torch.equal(base_logits(ev.base, ids), base_logits(fresh, ids))
+    assert not any("rlora" in n for n, _ in ev.base.named_modules())
+    # an adapter scored after another one scores as it does on a fresh worker
+    alone = Evaluator(settings_for(tiny_model_dir), device="cpu").evaluate(EvalJob("a1", adapters[1]))
+    assert alone["scores"] == a1["scores"]
+    assert base1["n_samples"] == {"rlora_heldout_sst2": N, "rlora_heldout_boolq": N}
+
+
+def test_bad_adapter_is_reported_not_raised(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    res = Evaluator(settings_for(tiny_model_dir), device="cpu").evaluate(EvalJob("broken", str(tmp_path)))
+    assert res["error"] and res["scores"] == {}
+
+
+@pytest.mark.slow
+def test_parallel_ray_workers_match_in_process_results(tiny_model_dir, adapters, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    settings = settings_for(tiny_model_dir)
+    jobs = [EvalJob("base"), EvalJob("a0", adapters[0]), EvalJob("broken", str(tmp_path)), EvalJob("a1", adapters[1])]
+    results = evaluate_jobs(settings, jobs, max_workers=2, progress=False)
+    assert [r["name"] for r in results] == ["base", "a0", "broken", "a1"]
+    assert results[2]["error"] and all(r["error"] is None for i, r in enumerate(results) if i != 2)
+    assert len({r["pid"] for r in results}) == 2 and os.getpid() not in {r["pid"] for r in results}
+    local = Evaluator(settings, device="cpu")
+    for r, job in zip(results, jobs):
+        if job.name != "broken":
+            assert r["scores"] == local.evaluate(job)["scores"], job.name
+
+
+def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
+    """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.scoring (the training loop's
+    held-out eval) predicts, example by example."""
+    from pipeline.data.tasks import task_splits
+    from pipeline.models import load_model
+    from pipeline.scoring import continuation_logprobs
+
+    res = evaluate(str(tiny_model_dir), None, ["rlora_heldout_piqa", "rlora_heldout_siqa"], limit=N, num_fewshot=0,
+                   batch_size=8, log_samples=True)
+    model, tok = load_model(str(tiny_model_dir))
+    for task in ("piqa", "siqa"):
+        held = task_splits(task)[1][:N]
+        lls = continuation_logprobs(model, tok, [(e.prompt, c) for e in held for c in e.choices])
+        ours, k = [], 0
+        for e in held:
+            ours.append(max(range(len(e.choices)), key=lambda i: lls[k + i][0]))
+            k += len(e.choices)
+        samples = sorted(res["samples"][f"rlora_heldout_{task}"], key=lambda x: x["doc_id"])
+        theirs = [max(range(len(x["filtered_resps"])), key=lambda i: x["filtered_resps"][i][0]) for x in samples]
+        assert theirs == ours, task
+        acc = sum(p == e.gold for p, e in zip(ours, held)) / len(held)
+        assert res["results"][f"rlora_heldout_{task}"]["acc,none"] == pytest.approx(acc)
+        assert flatten_scores(res["results"])[f"heldout/{task}"] == pytest.approx(acc)
+
+
+def test_stock_names_pass_through_and_unknown_ones_fail_in_one_line():
+    assert resolve_tasks(["bbh", "mmlu", "bbh_zeroshot", "mmlu_continuation"], "stock") == [
+        "bbh", "mmlu", "bbh_zeroshot", "mmlu_continuation"]
+    with pytest.raises(ValueError, match="'no_such_task' is not an lm-eval task"):
+        resolve_tasks(["bbh", "no_such_task"], "stock")
+    with pytest.raises(ValueError, match="no offline version"):
+        resolve_tasks(["hellaswag"], "local")
+
+
+def test_names_of_every_family():
+    assert resolve_tasks(["bbh", "bbh_zeroshot", "heldout_five_task"], "local") == [
+        "rlora_bbh", "rlora_bbh_zeroshot", "rlora_heldout_five_task"]
+    assert metric_name("rlora_bbh") == "bbh/avg"
+    assert metric_name("rlora_bbh::rlora_bbh_navigate") == "bbh/navigate"
+    assert metric_name("rlora_bbh_fewshot_navigate") == "bbh_fewshot/navigate"
+    assert metric_name("rlora_bbh_zeroshot") == "bbh_zeroshot/avg"
+    assert metric_name("rlora_heldout_five_task") == "heldout/five_task"
+    assert metric_name("rlora_heldout_five_task::rlora_heldout_sst2") == "heldout/sst2"
+    # stock lm-eval names land on the same metric names
+    assert metric_name("bbh::bbh_cot_fewshot_navigate") == "bbh/navigate"
+    assert metric_name("mmlu_continuation_anatomy") == "mmlu_continuation/anatomy"
+    assert metric_name("mmlu_anatomy") == "mmlu/anatomy"
+    assert metric_name("hellaswag") is None
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--adapter", "/no/such/dir", "--tasks", "mmlu"], "--adapter: '/no/such/dir' is neither"),
+    (["--adapter", "none", "--tasks", "mmlu,hellaswag"], "--tasks: 'hellaswag' has no offline version"),
+    (["--sweep", "0" * 32], "--sweep: " + "0" * 32 + " is not a sweep parent run"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "eval.run", *args, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and msg in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
