@@ -83,6 +83,8 @@ class ScalingSection(_Strict):
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     cpus_per_worker: int = Field(1, ge=1)
     max_failures: int = Field(2, ge=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers; STRICT_SPREAD puts each on its own node")
 
 
 class MlflowSection(_Strict):
@@ -222,6 +224,36 @@ class TuneSection(_Strict):
     max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
 
 
+class EvalSection(_Strict):
+    """The eval stage after a sweep: top-k trials plus the base model through lm-eval."""
+
+    enabled: bool = True
+    top_k: int = Field(2, ge=0, description="best trials (by tune.metric) to evaluate; 0: base model only")
+    include_base: bool = True
+    task_source: Literal["local", "stock"] = Field("local", description="stock: lm-eval's own tasks (needs the hub)")
+    tasks: list[str] = Field(default_factory=lambda: ["bbh", "mmlu", "mmlu_continuation"], min_length=1)
+    limit: Optional[float] = Field(None, gt=0, description="examples per subtask (or a fraction); none: all")
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    batch_size: int = Field(16, ge=1)
+    gen_kwargs: Optional[str] = Field(None, description="lm-eval generation override, e.g. 'max_gen_toks=256'")
+    cpus_per_worker: int = Field(1, ge=1)
+    max_workers: Optional[int] = Field(None, ge=1, description="eval actors; default one per GPU or CPU slot")
+    registry_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
+                                         description="MLflow registered model; default rlora-<sweep name>")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str], info) -> list[str]:
+        from eval.run import local_names
+
+        if info.data.get("task_source", "local") == "local":
+            known = local_names()
+            for t in v:
+                if t not in known:
+                    raise ValueError(f"unknown eval task {t!r}; known: {', '.join(known)}")
+        return v
+
+
 def _field_exists(path: str) -> bool:
     model: Any = RunConfig
     for part in path.split("."):
@@ -246,6 +278,7 @@ class SweepConfig(_Strict):
     base: RunConfig = Field(default_factory=RunConfig)
     search: dict[str, ParamSpec] = Field(..., min_length=1)
     tune: TuneSection = Field(default_factory=TuneSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _search_matches_run_config(self):

@@ -16,23 +16,29 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
-    cols = ["trial_id", "status", "steps", metric, *params, "mlflow_run"]
-    ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
-    md = out_dir / "trials.md"
+def write_table(rows: list[dict], cols: list[str], out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
+    """``rows`` (in order) as <stem>.md, <stem>.csv and <stem>.html under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{stem}.md"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in ordered]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     md.write_text("\n".join(lines) + "\n")
-    csv_path = out_dir / "trials.csv"
+    csv_path = out_dir / f"{stem}.csv"
     with csv_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
-        w.writerows(ordered)
-    page = out_dir / "trials.html"
+        w.writerows(rows)
+    page = out_dir / f"{stem}.html"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in ordered)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
     page.write_text(f"<table border=1 cellpadding=4><tr>{head}</tr>{body}</table>\n")
     return md, csv_path, page
+
+
+def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
+    cols = ["trial_id", "status", "steps", metric, *params, "mlflow_run"]
+    ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
+    return write_table(ordered, cols, out_dir, "trials")
 
 
 def plot_objective_vs_params(rows: list[dict], params: list[str], metric: str, path: Path) -> Optional[Path]:

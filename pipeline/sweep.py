@@ -55,10 +55,24 @@ def trial_run_config(base: dict, params: dict[str, Any], sweep: dict) -> RunConf
     return cfg
 
 
+def _intermediate_reports(final_step: int):
+    """Train -> Tune reports for every step but the last. The last one is reported by the trial
+    function itself after the adapter and figures are uploaded: ASHA stops a trial as soon as it
+    reports step == max_t, which would otherwise kill it before its results are saved."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class IntermediateReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("step") == final_step:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return IntermediateReports()
+
+
 def _trial(params: dict[str, Any], ctx: dict) -> None:
     """Tune trainable: one Ray Train run per trial."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.train import run_training
 
@@ -66,11 +80,11 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
     worst = -1.0 if ctx["mode"] == "max" else 1e9
     out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
-                       callbacks=[TuneReportCallback()], train_name=f"trial-{trial_id}",
+                       callbacks=[_intermediate_reports(cfg.train.steps)], train_name=f"trial-{trial_id}",
                        storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
                        extra_tags={"rlora.sweep": ctx["sweep_name"]})
-    # A trial re-run by --resume whose Train run had already finished reports nothing through the
-    # callback; hand Tune the final checkpoint's metrics (a repeat is harmless otherwise).
+    # The final step's metrics, now that everything is saved (also right for a trial re-run by
+    # --resume whose Train run had already finished, which reports nothing through the callback).
     tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
 
 
@@ -118,7 +132,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from pipeline._optuna import ResumableOptunaSearch
 
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
@@ -133,7 +147,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     search_alg = None
     if cfg.tune.search_alg == "optuna":
         storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
-        search_alg = OptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed,
+        search_alg = ResumableOptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed,
                                   sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
                                   study_name=cfg.name, storage=storage)
     if cfg.tune.scheduler == "asha":
@@ -228,6 +242,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
         state = {"parent_run_id": parent, "config": cfg.model_dump(mode="json", by_alias=True),
                  "tracking_uri": tracking_uri, "started": time.time()}
         state_path.write_text(json.dumps(state, indent=2) + "\n")
+        (sweep_dir / "sweep_config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
+        tracker.log_artifact(sweep_dir / "sweep_config.json")  # what `eval.run --sweep` reads back
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
 
     try:
@@ -260,11 +276,24 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
     tracker.log_metrics(timing, step=0)
     out["timing"] = timing
     tracker.finish("FINISHED")
+    if cfg.eval.enabled:
+        out["eval"] = eval_stage(cfg, tracker.run_id, tracking_uri, sweep_dir)
     return {**out, "wall_s": wall, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id,
             "tracking_uri": tracking_uri, "experiment": cfg.base.mlflow.experiment}
 
 
+def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path) -> dict[str, Any]:
+    from eval.stage import run_eval_stage
+
+    t0 = time.time()
+    out = run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
+                         cfg.name, list(cfg.search), sweep_dir / "eval")
+    out["wall_s"] = time.time() - t0
+    return out
+
+
 def main(argv=None) -> int:
+    from eval.stage import EvalStageError
     from pipeline.cli import base_parser, fail, user_errors
 
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
@@ -276,6 +305,9 @@ def main(argv=None) -> int:
         out = run_sweep(cfg, args.config, args.resume)
     except user_errors() as e:
         return fail(e)
+    except EvalStageError as e:  # the sweep itself is complete and recorded
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if out.get("interrupted"):
         return 130
     s, best = out["summary"], out["best"]
@@ -287,6 +319,11 @@ def main(argv=None) -> int:
     t = out["timing"]
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
           f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s")
+    if out.get("eval"):
+        ev = out["eval"]
+        print(f"eval stage ({ev['wall_s']:.0f}s): {len(ev['rows'])} model(s) -> {cfg.eval.tasks}; "
+              f"adapters registered as '{ev['registry']}' versions {sorted(ev['versions'].values(), key=int)}")
+        print(open(Path(out["sweep_dir"]) / "eval" / "comparison.md").read().rstrip())
     print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  -> experiment "
           f"'{out['experiment']}', parent run {out['parent_run_id']}")
     return 0

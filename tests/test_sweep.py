@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sweep_yaml(tmp_path, model_dir, name="t", search=None, tune=None, train=None):
+def sweep_yaml(tmp_path, model_dir, name="t", search=None, tune=None, train=None, eval_=None):
     cfg = {
         "name": name,
         "base": {
@@ -29,6 +29,7 @@ def sweep_yaml(tmp_path, model_dir, name="t", search=None, tune=None, train=None
         },
         "search": search or {"adapter.num_heads": {"choice": [2, 3]}, "adapter.gamma": {"loguniform": [16, 128]}},
         "tune": {"num_samples": 2, "scheduler": "none", "seed": 0, **(tune or {})},
+        "eval": eval_ or {"enabled": False},
     }
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -48,13 +49,24 @@ def mlflow_runs(tmp_path):
     exp = client.get_experiment_by_name("sweeps")
     runs = client.search_runs([exp.experiment_id]) if exp else []
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and "rlora.eval_role" not in r.data.tags]
     return client, parents, children
+
+
+EVAL = {"top_k": 2, "tasks": ["bbh", "mmlu", "heldout_sst2"], "limit": 1, "gen_kwargs": "max_gen_toks=8",
+        "registry_name": "t-adapters"}
+
+
+def history_lengths(client, run_id, keys):
+    return {k: len(client.get_metric_history(run_id, k)) for k in keys}
 
 
 @pytest.mark.slow
 def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
-    proc = cli([str(sweep_yaml(tmp_path, tiny_model_dir))])
+    # ASHA with its only rung at the last step: it stops each trial when it reports step == max_t,
+    # which must not cut the trial short before its adapter is uploaded
+    proc = cli([str(sweep_yaml(tmp_path, tiny_model_dir, eval_=EVAL,
+                               tune={"scheduler": "asha", "grace_period": 6, "max_concurrent_trials": 2}))])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best eval/mean_acc" in proc.stdout and "parent run" in proc.stdout
     client, parents, children = mlflow_runs(tmp_path)
@@ -80,6 +92,58 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     sweep_dir = Path(parent.data.tags["sweep_dir"])
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+    check_eval_stage(tmp_path, client, parent, children, proc.stdout)
+
+
+def check_eval_stage(tmp_path, client, parent, children, stdout):
+    """After the sweep: base + both trials scored, adapters registered, comparison on the parent;
+    re-running the stage adds no metric points and no versions."""
+    from eval.mmlu import load_all
+
+    assert "eval stage" in stdout and "| model |" in stdout
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    base = [r for r in runs if r.data.tags.get("rlora.eval_role") == "base"]
+    assert len(base) == 1
+    subjects = list(load_all())
+    keys = ["bbh/avg", "bbh/navigate", "bbh/word_sorting", "mmlu/avg", "mmlu/stem", "mmlu/humanities",
+            f"mmlu/{subjects[0]}", f"mmlu/{subjects[-1]}", "heldout/sst2"]
+    for r in [*base, *children]:
+        m = client.get_run(r.info.run_id).data.metrics
+        assert all(k in m and 0.0 <= m[k] <= 1.0 for k in keys), sorted(m)
+        assert len([k for k in m if k.startswith("bbh/")]) == 28 and len([k for k in m if k.startswith("mmlu/")]) == 62
+    versions = client.search_model_versions("name='t-adapters'")
+    assert {v.run_id for v in versions} == {c.info.run_id for c in children}
+    for v in versions:
+        m = client.get_run(v.run_id).data.metrics
+        assert float(v.tags["bbh/avg"]) == pytest.approx(m["bbh/avg"], abs=1e-4)
+        assert float(v.tags["mmlu/avg"]) == pytest.approx(m["mmlu/avg"], abs=1e-4)
+        assert v.source.endswith("/adapter")
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "eval")}
+    assert {"eval/comparison.md", "eval/comparison.html", "eval/comparison.png"} <= arts
+    table = Path(client.download_artifacts(parent.info.run_id, "eval/comparison.md", str(tmp_path))).read_text()
+    assert table.count("\n") == 2 + 3 and "| base |" in table  # header, rule, base + 2 trials
+    before = {r.info.run_id: history_lengths(client, r.info.run_id, keys) for r in [*base, *children]}
+    assert all(n == 1 for h in before.values() for n in h.values())
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    again = subprocess.run([sys.executable, "-m", "eval.run", "--sweep", parent.info.run_id, "--tracking-uri", uri,
+                            "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "evaluated nothing new" in again.stdout
+    after = {rid: history_lengths(client, rid, keys) for rid in before}
+    assert after == before  # no duplicated metric points
+    assert len(client.search_model_versions("name='t-adapters'")) == 2  # no new versions
+
+    # different settings: a new evaluation round, one new point per metric at the next step
+    third = subprocess.run([sys.executable, "-m", "eval.run", "--sweep", parent.info.run_id, "--tracking-uri", uri,
+                            "--limit", "2", "--top-k", "1", "--out", str(tmp_path / "third")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    hist = client.get_metric_history(base[0].info.run_id, "mmlu/avg")
+    assert sorted(h.step for h in hist) == [0, 1]
+    assert len(client.search_model_versions("name='t-adapters'")) == 2
 
 
 @pytest.mark.slow
@@ -202,7 +266,7 @@ def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir)
     assert "sweep interrupted; resume with:" in err and "--resume" in err
     _, parents, _ = mlflow_runs(tmp_path)
     assert parents[0].info.status == "KILLED"
-    resume_cmd = err.split("resume with:")[1].split()
+    resume_cmd = err.split("resume with:\n")[1].splitlines()[0].split()  # Ray may log after it
     assert resume_cmd[:3] == ["python", "-m", "pipeline.sweep"]
     done = cli(resume_cmd[3:])
     assert done.returncode == 0, done.stderr[-3000:]
