@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup sweep demo train test test-fast bench clean
+.PHONY: setup sweep demo train reproduce test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: setup
 train: setup
 	$(BIN)/python -m pipeline.train configs/five_task.yaml
 
+reproduce: setup
+	$(BIN)/python -m eval.reproduce sweeps/ablation.yaml
+
 test: setup
 	$(BIN)/python -m pytest -q
 
@@ -37,6 +40,8 @@ test-fast: setup
 bench: setup
 	$(BIN)/python -m benchmarks.layer
 	$(BIN)/python -m benchmarks.train_step
+	$(BIN)/python -m benchmarks.mlflow_server
+	$(BIN)/python -m benchmarks.submit_vs_local
 
 clean:
 	rm -rf $(VENV) .pytest_cache

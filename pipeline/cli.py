@@ -6,9 +6,13 @@ import argparse
 import sys
 
 
-def base_parser(prog: str, doc: str, config_help: str, set_example: str) -> argparse.ArgumentParser:
+def base_parser(prog: str, doc: str, config_help: str, set_example: str,
+                config_default: str | None = None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help=config_help)
+    if config_default:
+        ap.add_argument("config", nargs="?", default=config_default, help=f"{config_help} (default {config_default})")
+    else:
+        ap.add_argument("config", help=config_help)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help=f"override any field, e.g. --set {set_example} (repeatable)")
     return ap
