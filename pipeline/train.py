@@ -131,6 +131,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = stream.for_rank(rank, world, skip_steps=start)
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:  # where the workers landed (placement strategy), recorded on the run
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    if tracker:
+        tracker.set_tags({"ray.worker_node_ids": ",".join(nodes), "ray.num_nodes": str(len(set(nodes)))})
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     if tracker and start == 0 and cfg.train.eval_at_start:
@@ -196,6 +204,9 @@ def ensure_ray(quiet: bool = False) -> None:
 
     if ray.is_initialized():
         return
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job's driver: the job's runtime_env
+        ray.init(log_to_driver=not quiet)  # (working_dir, env_vars) already reaches every worker
+        return
     env = {k: v for k, v in os.environ.items() if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
@@ -257,7 +268,8 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,
                            "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                               placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=train_name or f"train-{run_id}", storage_path=storage_path or str(out_dir / "ray"),

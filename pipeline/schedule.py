@@ -1,0 +1,184 @@
+"""``python -m pipeline.schedule sweeps/x.yaml --cron "0 2 * * *" [--tracking-uri URI] [--image IMAGE]``
+
+Prints ready-to-apply manifests for running a sweep on a schedule:
+
+1. Kubernetes (KubeRay): a ``CronJob`` that, on the schedule, creates a KubeRay ``RayJob``
+   (kept in a ``ConfigMap``; ``generateName`` gives every run its own name) with the
+   RBAC it needs. The RayJob brings up a Ray cluster from ``--image`` (an image with this
+   project installed in ``--workdir``), runs the sweep as its entrypoint and shuts the cluster
+   down afterwards.
+2. A plain Ray cluster: the crontab line that submits the same sweep with ``pipeline.submit``.
+
+The RayJob's entrypoint is exactly the command ``pipeline.submit`` submits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from pipeline.submit import ROOT, entrypoint
+
+CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the RayJob inside the ConfigMap) as readable literal blocks."""
+
+
+_Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+def check_cron(expr: str) -> str:
+    fields = expr.split()
+    if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields):
+        raise ScheduleError(f"--cron: {expr!r} is not a 5-field cron expression (minute hour day month weekday)")
+    return " ".join(fields)
+
+
+def k8s_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "sweep"
+
+
+def _container(name: str, image: str, workdir: str, env: dict[str, str], cpu: str, memory: str, ports=None) -> dict:
+    c = {"name": name, "image": image, "workingDir": workdir,
+         "env": [{"name": k, "value": v} for k, v in env.items()],
+         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}}
+    if ports:
+        c["ports"] = ports
+    return c
+
+
+def rayjob(name: str, namespace: str, ep: str, image: str, workdir: str, env: dict[str, str], workers: int,
+           cpu: str, memory: str, ray_version: str) -> dict:
+    head = _container("ray-head", image, workdir, env, cpu, memory,
+                      ports=[{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}])
+    worker = _container("ray-worker", image, workdir, env, cpu, memory)
+    return {
+        "apiVersion": "ray.io/v1", "kind": "RayJob",
+        "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": {"app.kubernetes.io/name": name}},
+        "spec": {
+            "entrypoint": ep,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 86400,
+            "rayClusterSpec": {
+                "rayVersion": ray_version,
+                "authOptions": {"mode": "token"},  # KubeRay >= 1.5.1 creates the token Secret
+                "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [head]}}},
+                "workerGroupSpecs": [{"groupName": "workers", "replicas": workers, "minReplicas": workers,
+                                      "maxReplicas": workers, "rayStartParams": {},
+                                      "template": {"spec": {"containers": [worker]}}}],
+            },
+        },
+    }
+
+
+def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: list[str], image: str, workdir: str,
+              namespace: str, workers: int, cpu: str, memory: str, data_dir: Optional[str]) -> list[dict]:
+    from pipeline.config import load_sweep_config
+    import ray
+
+    cfg = load_sweep_config(config, overrides)
+    name = k8s_name(cfg.name)
+    ep = entrypoint(config_in_project(config), tracking_uri, overrides)
+    env = {"PYTHONUNBUFFERED": "1"}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if data_dir:
+        env["RLORA_DATA_DIR"] = data_dir
+    job = rayjob(name, namespace, ep, image, workdir, env, workers, cpu, memory, ray.__version__)
+    sa = f"{name}-submitter"
+    meta = {"namespace": namespace, "labels": {"app.kubernetes.io/name": name}}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": sa, **meta}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": sa, **meta},
+         "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": sa, **meta},
+         "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": namespace}],
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa}},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-rayjob", **meta},
+         "data": {"rayjob.yaml": yaml.safe_dump(job, sort_keys=False)}},
+        {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": {"name": name, **meta},
+         "spec": {"schedule": cron, "concurrencyPolicy": "Forbid", "successfulJobsHistoryLimit": 3,
+                  "failedJobsHistoryLimit": 3,
+                  "jobTemplate": {"spec": {"backoffLimit": 0, "template": {"spec": {
+                      "serviceAccountName": sa, "restartPolicy": "Never",
+                      "containers": [{"name": "create-rayjob", "image": "bitnami/kubectl:1.31",
+                                      "command": ["kubectl", "create", "-f", "/manifests/rayjob.yaml"],
+                                      "volumeMounts": [{"name": "manifests", "mountPath": "/manifests"}]}],
+                      "volumes": [{"name": "manifests", "configMap": {"name": f"{name}-rayjob"}}]}}}}}},
+    ]
+
+
+def config_in_project(config: str) -> str:
+    p = Path(config).resolve()
+    try:
+        return str(p.relative_to(ROOT))
+    except ValueError:
+        raise ScheduleError(f"{config}: the sweep YAML must be inside the project ({ROOT})") from None
+
+
+def crontab_line(config: str, cron: str, address: str, tracking_uri: Optional[str], overrides: list[str],
+                 name: str) -> str:
+    cmd = ["python", "-m", "pipeline.submit", "--address", address, config_in_project(config), "--wait"]
+    if tracking_uri:
+        cmd += ["--tracking-uri", tracking_uri]
+    for o in overrides:
+        cmd += ["--set", o]
+    log = f"outputs/schedule/{name}.log"
+    return (f"{cron} cd {shlex.quote(str(ROOT))} && mkdir -p outputs/schedule && .venv/bin/{shlex.join(cmd)} "
+            f">> {log} 2>&1")
+
+
+def main(argv=None) -> int:
+    from pipeline.cli import fail, user_errors
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.schedule", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="sweep YAML inside the project")
+    ap.add_argument("--cron", required=True, help='5-field cron expression, e.g. "0 2 * * *"')
+    ap.add_argument("--tracking-uri", default=None, help="shared MLflow server, e.g. http://mlflow.mlops:5000")
+    ap.add_argument("--address", default="http://127.0.0.1:8265", help="Ray head for the crontab form")
+    ap.add_argument("--image", default="rlora-lab:latest", help="image with this project installed in --workdir")
+    ap.add_argument("--workdir", default="/app")
+    ap.add_argument("--namespace", default="default")
+    ap.add_argument("--workers", type=int, default=1, help="Ray worker pods besides the head")
+    ap.add_argument("--cpu", default="4")
+    ap.add_argument("--memory", default="16Gi")
+    ap.add_argument("--data-dir", default=None, help="RLORA_DATA_DIR inside the pods")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--format", choices=["all", "k8s", "crontab"], default="all")
+    args = ap.parse_args(argv)
+    try:
+        cron = check_cron(args.cron)
+        docs = manifests(args.config, cron, args.tracking_uri, args.overrides, args.image, args.workdir,
+                         args.namespace, args.workers, args.cpu, args.memory, args.data_dir)
+        line = crontab_line(args.config, cron, args.address, args.tracking_uri, args.overrides,
+                            docs[-1]["metadata"]["name"])
+    except (ScheduleError, *user_errors()) as e:
+        return fail(e)
+    if args.format in ("all", "k8s"):
+        if args.format == "all":
+            print("# --- Kubernetes (KubeRay): kubectl apply -f <this file>")
+        print(yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False).rstrip())
+    if args.format in ("all", "crontab"):
+        if args.format == "all":
+            print("\n# --- plain Ray cluster: add this line with `crontab -e` on a machine that can reach the head")
+            print("# " + line)
+        else:
+            print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
