@@ -18,12 +18,11 @@ import argparse
 import re
 import shlex
 import sys
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from pipeline.submit import ROOT, entrypoint
+from pipeline.submit import ROOT, SubmitError, config_in_project, entrypoint
 
 CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
 
@@ -120,14 +119,6 @@ def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: li
     ]
 
 
-def config_in_project(config: str) -> str:
-    p = Path(config).resolve()
-    try:
-        return str(p.relative_to(ROOT))
-    except ValueError:
-        raise ScheduleError(f"{config}: the sweep YAML must be inside the project ({ROOT})") from None
-
-
 def crontab_line(config: str, cron: str, address: str, tracking_uri: Optional[str], overrides: list[str],
                  name: str) -> str:
     cmd = ["python", "-m", "pipeline.submit", "--address", address, config_in_project(config), "--wait"]
@@ -165,7 +156,7 @@ def main(argv=None) -> int:
                          args.namespace, args.workers, args.cpu, args.memory, args.data_dir)
         line = crontab_line(args.config, cron, args.address, args.tracking_uri, args.overrides,
                             docs[-1]["metadata"]["name"])
-    except (ScheduleError, *user_errors()) as e:
+    except (ScheduleError, SubmitError, *user_errors()) as e:
         return fail(e)
     if args.format in ("all", "k8s"):
         if args.format == "all":

@@ -53,7 +53,7 @@ def runtime_env(tracking_uri: Optional[str], data_dir: Optional[str]) -> dict:
     return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
 
 
-def _relative_config(config: str) -> str:
+def config_in_project(config: str) -> str:
     """The sweep YAML as a path inside the shipped project (the job runs in the working_dir copy)."""
     p = Path(config).resolve()
     try:
@@ -108,7 +108,7 @@ def submit(address: str, config: str, tracking_uri: Optional[str], overrides: li
         except DataError:
             pass
     data_dir = data_dir or os.environ.get("RLORA_DATA_DIR")
-    ep = entrypoint(_relative_config(config), tracking_uri, overrides)
+    ep = entrypoint(config_in_project(config), tracking_uri, overrides)
     client = make_client(address, token_file)
     try:
         jid = client.submit_job(entrypoint=ep, runtime_env=runtime_env(tracking_uri, data_dir), submission_id=job_id,
