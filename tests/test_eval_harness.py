@@ -119,20 +119,32 @@ def test_stock_names_pass_through_and_unknown_ones_fail_in_one_line():
         resolve_tasks(["hellaswag"], "local")
 
 
-def test_names_of_every_family():
-    assert resolve_tasks(["bbh", "bbh_zeroshot", "heldout_five_task"], "local") == [
-        "rlora_bbh", "rlora_bbh_zeroshot", "rlora_heldout_five_task"]
-    assert metric_name("rlora_bbh") == "bbh/avg"
-    assert metric_name("rlora_bbh::rlora_bbh_navigate") == "bbh/navigate"
-    assert metric_name("rlora_bbh_fewshot_navigate") == "bbh_fewshot/navigate"
-    assert metric_name("rlora_bbh_zeroshot") == "bbh_zeroshot/avg"
-    assert metric_name("rlora_heldout_five_task") == "heldout/five_task"
-    assert metric_name("rlora_heldout_five_task::rlora_heldout_sst2") == "heldout/sst2"
+def test_local_names_of_every_family():
+    assert resolve_tasks(["bbh", "bbh_zeroshot", "heldout_five_task", "mmlu", "mmlu_continuation"], "local") == [
+        "rlora_bbh", "rlora_bbh_zeroshot", "rlora_heldout_five_task", "rlora_mmlu", "rlora_mmlu_continuation"]
+
+
+@pytest.mark.parametrize("task, metric", [
+    ("rlora_bbh", "bbh/avg"),
+    ("rlora_bbh::rlora_bbh_navigate", "bbh/navigate"),
+    ("rlora_bbh_fewshot_navigate", "bbh_fewshot/navigate"),
+    ("rlora_bbh_zeroshot", "bbh_zeroshot/avg"),
+    ("rlora_heldout_five_task", "heldout/five_task"),
+    ("rlora_heldout_five_task::rlora_heldout_sst2", "heldout/sst2"),
+    ("rlora_mmlu", "mmlu/avg"),
+    ("rlora_mmlu_stem", "mmlu/stem"),
+    ("rlora_mmlu::rlora_mmlu_social_sciences", "mmlu/social_sciences"),
+    ("rlora_mmlu_anatomy", "mmlu/anatomy"),
+    ("rlora_mmlu_continuation_anatomy", "mmlu_continuation/anatomy"),
     # stock lm-eval names land on the same metric names
-    assert metric_name("bbh::bbh_cot_fewshot_navigate") == "bbh/navigate"
-    assert metric_name("mmlu_continuation_anatomy") == "mmlu_continuation/anatomy"
-    assert metric_name("mmlu_anatomy") == "mmlu/anatomy"
-    assert metric_name("hellaswag") is None
+    ("bbh::bbh_cot_fewshot_navigate", "bbh/navigate"),
+    ("mmlu_continuation", "mmlu_continuation/avg"),
+    ("mmlu_continuation_anatomy", "mmlu_continuation/anatomy"),
+    ("mmlu_anatomy", "mmlu/anatomy"),
+    ("hellaswag", None),
+])
+def test_metric_names(task, metric):
+    assert metric_name(task) == metric
 
 
 @pytest.mark.parametrize("args, msg", [

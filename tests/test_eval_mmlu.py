@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from eval.mmlu import LETTERS, load_all, mmlu_path
-from eval.run import evaluate, flatten_scores, metric_name, resolve_tasks
+from eval.run import evaluate, flatten_scores
 
 SUBJECTS = ["abstract_algebra", "anatomy", "marketing", "world_religions", "high_school_us_history"]
 PER_SUBJECT = 4
@@ -16,19 +16,6 @@ def test_mmlu_file_has_14042_questions_in_57_subjects():
     assert len(data) == 57 and sum(map(len, data.values())) == 14042  # 2 stray header rows dropped
     assert mmlu_path().name == "mmlu.jsonl"
     assert all(len(r["choices"]) == 4 and 0 <= r["answer"] < 4 for rows in data.values() for r in rows)
-
-
-def test_task_names_and_metric_names():
-    assert resolve_tasks(["mmlu", "mmlu_continuation"], "local") == ["rlora_mmlu", "rlora_mmlu_continuation"]
-    assert resolve_tasks(["bbh"], "stock") == ["bbh"]
-    with pytest.raises(ValueError, match="no offline version"):
-        resolve_tasks(["hellaswag"], "local")
-    assert metric_name("rlora_mmlu") == "mmlu/avg"
-    assert metric_name("rlora_mmlu_stem") == "mmlu/stem"
-    assert metric_name("rlora_mmlu::rlora_mmlu_social_sciences") == "mmlu/social_sciences"
-    assert metric_name("rlora_mmlu_anatomy") == "mmlu/anatomy"
-    assert metric_name("rlora_mmlu_continuation_anatomy") == "mmlu_continuation/anatomy"
-    assert metric_name("mmlu_continuation") == "mmlu_continuation/avg"
 
 
 def independent_mmlu_predictions(model, tok, subject, rows):
