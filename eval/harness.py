@@ -87,11 +87,17 @@ class Evaluator:
         return job.adapter_dir
 
     def _score(self, adapter_dir: Optional[str]) -> tuple[dict[str, float], dict[str, int]]:
+        from eval.run import flatten_scores
+
+        res = self.run(adapter_dir)
+        n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
+        return flatten_scores(res["results"]), n
+
+    def run(self, adapter_dir: Optional[str], log_samples: bool = False) -> dict[str, Any]:
+        """lm-eval's full result dict for the base (+ the adapter at ``adapter_dir``)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
-
-        from eval.run import flatten_scores
 
         for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -104,15 +110,13 @@ class Evaluator:
             model.eval()
             s = self.settings
             lm = HFLM(pretrained=model, tokenizer=self.tok, batch_size=s.batch_size, device=self.device)
-            res = lm_eval.simple_evaluate(
+            return lm_eval.simple_evaluate(
                 model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
-                task_manager=TaskManager(include_path=str(TASK_DIR)), bootstrap_iters=0, random_seed=s.seed,
-                numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed)
+                task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples, bootstrap_iters=0,
+                random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
                 self.base = model.unload()  # the adapter layers out, the untouched base modules back
-        n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
-        return flatten_scores(res["results"]), n
 
 
 def eval_slots(use_gpu: bool, cpus_per_worker: int) -> int:

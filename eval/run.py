@@ -19,7 +19,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 TASK_DIR = Path(__file__).parent / "tasks"
 # family (the metric prefix and the name users pass) -> (our offline group, lm-eval's stock group,
@@ -132,31 +132,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
         return local, None
     raise EvalInputError(f"--adapter: {adapter!r} is neither a directory, an MLflow run id, "
                          "models:/<name>/<version>, nor 'none'")
-
-
-def evaluate(model_spec: str, adapter_dir: Optional[str], tasks: list[str], limit: Optional[float],
-             num_fewshot: Optional[int], batch_size: int, log_samples: bool = False) -> dict[str, Any]:
-    import logging
-
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    from pipeline.models import load_model
-
-    logging.getLogger("lm-eval").setLevel(logging.ERROR)  # one "custom kwargs" warning per task otherwise
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    model, tok = load_model(model_spec)
-    if adapter_dir:
-        import rlora
-
-        model = rlora.from_pretrained(model, adapter_dir)
-    model.eval()
-    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=TaskManager(include_path=str(TASK_DIR)),
-                                   log_samples=log_samples, bootstrap_iters=0, random_seed=0,
-                                   numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
 
 
 def _print_scores(scores: dict[str, float]) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from eval.harness import EvalJob, EvalSettings, Evaluator, evaluate_jobs
-from eval.run import evaluate, flatten_scores, metric_name, resolve_tasks
+from eval.run import flatten_scores, metric_name, resolve_tasks
 
 N = 12
 
@@ -89,12 +89,12 @@ def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
     """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.scoring (the training loop's
     held-out eval) predicts, example by example."""
     from pipeline.data.tasks import task_splits
-    from pipeline.models import load_model
     from pipeline.scoring import continuation_logprobs
 
-    res = evaluate(str(tiny_model_dir), None, ["rlora_heldout_piqa", "rlora_heldout_siqa"], limit=N, num_fewshot=0,
-                   batch_size=8, log_samples=True)
-    model, tok = load_model(str(tiny_model_dir))
+    ev = Evaluator(EvalSettings(str(tiny_model_dir), ("rlora_heldout_piqa", "rlora_heldout_siqa"), limit=N,
+                                num_fewshot=0, batch_size=8))
+    res = ev.run(None, log_samples=True)
+    model, tok = ev.base, ev.tok
     for task in ("piqa", "siqa"):
         held = task_splits(task)[1][:N]
         lls = continuation_logprobs(model, tok, [(e.prompt, c) for e in held for c in e.choices])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from eval.mmlu import LETTERS, load_all, mmlu_path
-from eval.run import evaluate, flatten_scores
+from eval.harness import EvalSettings, Evaluator
+from eval.run import flatten_scores
 
 SUBJECTS = ["abstract_algebra", "anatomy", "marketing", "world_religions", "high_school_us_history"]
 PER_SUBJECT = 4
@@ -40,13 +41,10 @@ def independent_mmlu_predictions(model, tok, subject, rows):
 
 @pytest.mark.slow
 def test_project_mmlu_task_matches_independent_scoring():
-    from pipeline.models import load_model
-
     tasks = [f"rlora_mmlu_{s}" for s in SUBJECTS]
-    res = evaluate("smollm2-135m-instruct", None, tasks, limit=PER_SUBJECT, num_fewshot=0, batch_size=8,
-                   log_samples=True)
-    model, tok = load_model("smollm2-135m-instruct")
-    model.eval()
+    ev = Evaluator(EvalSettings("smollm2-135m-instruct", tuple(tasks), limit=PER_SUBJECT, num_fewshot=0, batch_size=8))
+    res = ev.run(None, log_samples=True)
+    model, tok = ev.base, ev.tok
     data = load_all()
     for s in SUBJECTS:
         rows = data[s][:PER_SUBJECT]
@@ -56,5 +54,5 @@ def test_project_mmlu_task_matches_independent_scoring():
         assert lm_eval_preds == preds, s
         ours = sum(p == r["answer"] for p, r in zip(preds, rows)) / len(rows)
         assert res["results"][f"rlora_mmlu_{s}"]["acc,none"] == pytest.approx(ours)
-    again = evaluate("smollm2-135m-instruct", None, tasks, limit=PER_SUBJECT, num_fewshot=0, batch_size=8)
+    again = ev.run(None)
     assert flatten_scores(again["results"]) == flatten_scores(res["results"])  # stable run to run
