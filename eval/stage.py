@@ -132,7 +132,6 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
                    sweep_name: str, params: list[str], out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from pipeline.reports import write_table
     from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, parent_run_id)
@@ -146,58 +145,69 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
     if ev.include_base:
         targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
-    jobs, cached = [], {}
+    jobs, scores = [], {}
     for name, run in targets:
         if run.data.tags.get(SIG_TAG) == sig:  # already scored with these settings: reuse, log nothing
-            cached[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
+            scores[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
             continue
         adapter = None if name == "base" else f"runs:/{run.info.run_id}/adapter"  # fetched by the worker
         jobs.append(EvalJob(name=name, adapter_dir=adapter, run_id=run.info.run_id, tracking_uri=tracking_uri))
+    cached = list(scores)
     print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings), "
           f"tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
     results = evaluate_jobs(settings, jobs, max_workers=ev.max_workers, cpus_per_worker=ev.cpus_per_worker,
                             progress=progress)
-    failed = [r for r in results if r["error"]]
-    scores: dict[str, dict[str, float]] = dict(cached)
-    for r in results:
-        if r["error"]:
-            Tracker(tracking_uri, r["run_id"]).set_tags({"rlora.eval.error": r["error"][:500]})
-            continue
-        run = client.get_run(r["run_id"])
-        rnd = int(run.data.tags.get(ROUND_TAG, "-1")) + 1  # a new setting is a new point, never a duplicate
-        t = Tracker(tracking_uri, r["run_id"])
-        t.log_metrics({**r["scores"], "eval/wall_s": r["wall_s"]}, step=rnd)
-        t.set_tags({SIG_TAG: sig, ROUND_TAG: str(rnd), "rlora.eval.settings": json.dumps(settings.__dict__, default=str)})
-        scores[r["name"]] = r["scores"]
+    scores.update(_log_results(results, settings, tracking_uri, client))
     registry = ev.registry_name or f"rlora-{sweep_name}"
-    versions = {}
-    for name, run in targets:
-        if name != "base" and name in scores:
-            versions[name] = _register(client, registry, client.get_run(run.info.run_id), scores[name], metric)
-    rows = []
-    for name, run in targets:
-        if name not in scores:
-            continue
-        row = {"model": name, "run_id": run.info.run_id, metric: run.data.metrics.get(metric) if name != "base" else None,
-               **{p: run.data.params.get(p) for p in params}, "registry_version": versions.get(name),
-               **headline(scores[name])}
-        rows.append(row)
-    keys = sorted({k for r in rows for k in headline(scores[r["model"]])})
-    out_dir = Path(out_dir)
-    files = list(write_table(rows, ["model", metric, *params, *keys, "registry_version", "run_id"], out_dir, "comparison"))
-    fig = plot_comparison(rows, [k for k in keys if k.endswith("/avg") or k.startswith("heldout/")], out_dir / "comparison.png")
-    if fig:
-        files.append(fig)
-    for f in files:
+    versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric)
+                for name, run in targets if name != "base" and name in scores}
+    rows = [{"model": name, "run_id": run.info.run_id,
+             metric: run.data.metrics.get(metric) if name != "base" else None,
+             **{p: run.data.params.get(p) for p in params}, "registry_version": versions.get(name),
+             **headline(scores[name])}
+            for name, run in targets if name in scores]
+    keys = sorted({k for name in scores for k in headline(scores[name])})
+    for f in _write_comparison(rows, keys, metric, params, Path(out_dir)):
         tracker.log_artifact(f, "eval")
     tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
+    failed = {r["name"]: r["error"] for r in results if r["error"]}
     summary = {"rows": rows, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
-               "cached": list(cached), "failed": {r["name"]: r["error"] for r in failed}, "signature": sig}
-    (out_dir / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+               "cached": cached, "failed": failed, "signature": sig}
+    (Path(out_dir) / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if failed:
         raise EvalStageError(f"eval stage: {len(failed)} of {len(results)} evaluations failed: "
-                             + "; ".join(f"{r['name']}: {r['error']}" for r in failed))
+                             + "; ".join(f"{name}: {err}" for name, err in failed.items()))
     return summary
+
+
+def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
+    """Scores onto each job's run, at the next eval round (a new setting is a new point, never a
+    duplicate); a failed job gets its error as a tag. Returns the scores by job name."""
+    from pipeline.tracking import Tracker
+
+    scores = {}
+    for r in results:
+        t = Tracker(tracking_uri, r["run_id"])
+        if r["error"]:
+            t.set_tags({"rlora.eval.error": r["error"][:500]})
+            continue
+        rnd = int(client.get_run(r["run_id"]).data.tags.get(ROUND_TAG, "-1")) + 1
+        t.log_metrics({**r["scores"], "eval/wall_s": r["wall_s"]}, step=rnd)
+        t.set_tags({SIG_TAG: settings.signature(), ROUND_TAG: str(rnd),
+                    "rlora.eval.settings": json.dumps(settings.__dict__, default=str)})
+        scores[r["name"]] = r["scores"]
+    return scores
+
+
+def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path) -> list[Path]:
+    """comparison.{md,csv,html} (every headline score) and comparison.png (family averages)."""
+    from pipeline.reports import write_table
+
+    files = list(write_table(rows, ["model", metric, *params, *keys, "registry_version", "run_id"], out_dir,
+                             "comparison"))
+    fig = plot_comparison(rows, [k for k in keys if k.endswith("/avg") or k.startswith("heldout/")],
+                          out_dir / "comparison.png")
+    return files + ([fig] if fig else [])
 
 
 def _is_eval_metric(key: str) -> bool:
