@@ -13,6 +13,11 @@ def _fmt(v: Any) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, str) and "." in v:  # MLflow params come back as strings
+        try:
+            return f"{float(v):.4g}"
+        except ValueError:
+            pass
     return str(v)
 
 

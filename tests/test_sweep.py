@@ -274,3 +274,14 @@ def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir)
     assert parents[0].info.status == "FINISHED"
     ids = [c.data.tags["rlora.trial_id"] for c in children]
     assert len(ids) == 3 == len(set(ids)) and all(c.info.status == "FINISHED" for c in children)
+
+
+def test_report_tables_round_in_markdown_and_html_but_keep_full_precision_in_csv(tmp_path):
+    from pipeline.reports import write_table
+
+    rows = [{"model": "t1", "adapter.gamma": "128.05327075231216", "score": 0.123456789, "run": "ab.cd"},
+            {"model": "base", "adapter.gamma": None, "score": None, "run": "x"}]
+    md, csv_path, page = write_table(rows, ["model", "adapter.gamma", "score", "run"], tmp_path, "cmp")
+    assert md.read_text().splitlines()[2:] == ["| t1 | 128.1 | 0.1235 | ab.cd |", "| base | – | – | x |"]
+    assert "128.05327075231216" in csv_path.read_text() and "0.123456789" in csv_path.read_text()
+    assert "<td>128.1</td>" in page.read_text()
