@@ -12,9 +12,10 @@ _register()
 
 from .config import DEFAULT_TARGET_MODULES, PRESETS, RLoraConfig  # noqa: E402
 from .layer import HeadSettings, RLoraLayer, RLoraLinear, fused_delta, init_std  # noqa: E402
-from .model import RLoraModel  # noqa: E402
+from .model import AdapterLoadError, RLoraModel  # noqa: E402
 
 __all__ = [
+    "AdapterLoadError",
     "DEFAULT_TARGET_MODULES",
     "PRESETS",
     "HeadSettings",
@@ -40,7 +41,11 @@ def get_peft_model(model, config: RLoraConfig, adapter_name: str = "default", **
 
 
 def from_pretrained(base_model, path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
-    """Load an adapter saved with ``save_pretrained`` onto a fresh, unmodified base model."""
+    """Load an adapter saved with ``save_pretrained`` onto a fresh, unmodified base model.
+
+    Strict: raises :class:`AdapterLoadError` if the saved tensors are missing, unexpected or
+    mis-shaped for the adapter that adapter_config.json builds (also via ``PeftModel.from_pretrained``
+    and ``load_adapter``, see ``RLoraModel._remap_adapter_state_dict_for_load``)."""
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, **kwargs)

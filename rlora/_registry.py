@@ -4,8 +4,9 @@ PEFT keys its tuner registry on the ``PeftType`` string enum, which has no publi
 for third-party methods. We add one member, ``PeftType.RLORA``, the same way the enum
 would have declared it, then call PEFT's own ``register_peft_method``. From then on
 ``peft.get_peft_model``, ``PeftModel.save_pretrained`` and ``PeftModel.from_pretrained``
-treat R-LoRA exactly like LoRA. This module is the only place that touches PEFT
-internals; importing :mod:`rlora` runs it once.
+treat R-LoRA exactly like LoRA. Importing :mod:`rlora` runs it once. The one other PEFT
+hook used is the per-method load hook ``_remap_adapter_state_dict_for_load``, which
+``RLoraModel`` overrides to make loading strict (rlora/model.py).
 """
 
 from __future__ import annotations

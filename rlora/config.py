@@ -120,6 +120,14 @@ class RLoraConfig(PeftConfig):
         ):
             _fail("target_modules", "must be a non-empty list of module names or a regex string", tm)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "RLoraConfig":
+        """PEFT's loader, plus a note of the adapter directory so load errors can name it."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = str(pretrained_model_name_or_path)
+        config._source_dir = f"{path}/{subfolder}" if subfolder else path  # not a field: never saved
+        return config
+
     # -- derived quantities ---------------------------------------------------------------------
     @property
     def scaling(self) -> float:
