@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.server import server_command, stop_server, wait_healthy
+from pipeline.loopback import free_port
+from pipeline.server import server_command, server_env, stop_server, wait_healthy
 
 OUT = Path(__file__).parent / "results" / "mlflow_server.json"
 
@@ -48,14 +48,12 @@ def tree_rss_mb(pid: int) -> float:
 def measure(name: str, lean: bool, work: Path) -> dict:
     from mlflow import MlflowClient
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = server_command(f"sqlite:///{work / f'{name}.db'}", str(work / f"{name}-artifacts"), "127.0.0.1", port)
     if not lean:  # mlflow's defaults: 4 workers, job execution on
         i = cmd.index("--workers")
         del cmd[i : i + 2]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false" if lean else "true"}
+    env = server_env() if lean else {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         t0 = time.time()

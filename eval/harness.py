@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 TASK_DIR = Path(__file__).parent / "tasks"
+# lm-eval computes accuracy / exact-match standard errors analytically (its mean_stderr); only other
+# metrics are bootstrapped, with this many draws
+STDERR_BOOTSTRAP_ITERS = 1000
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,13 @@ class EvalJob:
     run_id: Optional[str] = None  # the MLflow run the scores belong to
     tracking_uri: Optional[str] = None  # where runs:/ and models:/ adapters are fetched from (by the worker)
     meta: dict[str, Any] = field(default_factory=dict)
+    settings: Optional[EvalSettings] = None  # this job's tasks/limit (same model); None: the evaluator's
+
+
+def failed(job: EvalJob, error: str, wall_s: Optional[float]) -> dict[str, Any]:
+    """The result of a job that produced no scores."""
+    return {"name": job.name, "run_id": job.run_id, "scores": {}, "n_samples": {}, "wall_s": wall_s, "error": error,
+            "meta": job.meta}
 
 
 class Evaluator:
@@ -67,13 +77,12 @@ class Evaluator:
     def evaluate(self, job: EvalJob) -> dict[str, Any]:
         t0 = time.time()
         try:
-            scores, n = self._score(self._fetch(job))
-            return {"name": job.name, "run_id": job.run_id, "scores": scores, "n_samples": n,
+            scores, n, examples = self._score(self._fetch(job), job.settings)
+            return {"name": job.name, "run_id": job.run_id, "scores": scores, "n_samples": n, "examples": examples,
                     "wall_s": time.time() - t0, "error": None, "pid": os.getpid(), "meta": job.meta}
         except Exception as e:  # one bad adapter must not cost the other jobs
-            return {"name": job.name, "run_id": job.run_id, "scores": {}, "n_samples": {}, "wall_s": time.time() - t0,
-                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(), "pid": os.getpid(),
-                    "meta": job.meta}
+            return {**failed(job, f"{type(e).__name__}: {e}", time.time() - t0),
+                    "traceback": traceback.format_exc(), "pid": os.getpid()}
         finally:
             self.jobs_done += 1
 
@@ -86,14 +95,17 @@ class Evaluator:
             return mlflow.artifacts.download_artifacts(artifact_uri=job.adapter_dir, tracking_uri=job.tracking_uri)
         return job.adapter_dir
 
-    def _score(self, adapter_dir: Optional[str]) -> tuple[dict[str, float], dict[str, int]]:
-        from eval.run import flatten_scores
+    def _score(self, adapter_dir: Optional[str], settings: Optional[EvalSettings] = None):
+        """(scores with their standard errors, questions per task, per-question table)."""
+        from eval.run import flatten_scores, lmeval_examples
 
-        res = self.run(adapter_dir)
+        res = self.run(adapter_dir, log_samples=True, settings=settings)
         n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
-        return flatten_scores(res["results"]), n
+        scores, examples = flatten_scores(res["results"]), lmeval_examples(res.get("samples") or {})
+        return {**pooled_stderr(scores, examples), **scores}, n, examples
 
-    def run(self, adapter_dir: Optional[str], log_samples: bool = False) -> dict[str, Any]:
+    def run(self, adapter_dir: Optional[str], log_samples: bool = False,
+            settings: Optional[EvalSettings] = None) -> dict[str, Any]:
         """lm-eval's full result dict for the base (+ the adapter at ``adapter_dir``)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -108,15 +120,57 @@ class Evaluator:
             model = rlora.from_pretrained(self.base, adapter_dir).to(self.device)
         try:
             model.eval()
-            s = self.settings
+            s = settings or self.settings
             lm = HFLM(pretrained=model, tokenizer=self.tok, batch_size=s.batch_size, device=self.device)
             return lm_eval.simple_evaluate(
                 model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
-                task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples, bootstrap_iters=0,
+                task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples,
+                bootstrap_iters=STDERR_BOOTSTRAP_ITERS,
                 random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
                 self.base = model.unload()  # the adapter layers out, the untouched base modules back
+
+
+def pooled_stderr(scores: dict[str, float], examples) -> dict[str, float]:
+    """``<family>/avg_stderr`` from the per-question table where lm-eval gives none (it reports N/A
+    for a group as soon as one subtask has a single question): sd / sqrt(N) over the family's pooled
+    questions, the standard error of its size-weighted average treated as one sample."""
+    from pipeline.stats import mean_se
+
+    out = {}
+    if examples is None or not len(examples):
+        return out
+    families = examples["task"].str.split("/").str[0]
+    for family in families.unique():
+        key = f"{family}/avg"
+        if key in scores and f"{key}_stderr" not in scores:
+            se = mean_se(examples.loc[families == family, "correct"].to_numpy())[1]
+            if se == se:  # not nan
+                out[f"{key}_stderr"] = se
+    return out
+
+
+def merge_results(results: list[dict]) -> list[dict]:
+    """Results of (model, task family) units -> one result per model (by job name, first-seen
+    order): scores and question counts united, per-question tables concatenated, wall time
+    summed; any failed unit fails the model, with every unit's error."""
+    import pandas as pd
+
+    merged: dict[str, dict] = {}
+    for r in results:
+        m = merged.setdefault(r["name"], {**r, "scores": {}, "n_samples": {}, "examples": [], "wall_s": 0.0,
+                                          "error": None})
+        m["scores"].update(r.get("scores") or {})
+        m["n_samples"].update(r.get("n_samples") or {})
+        if r.get("examples") is not None:
+            m["examples"].append(r["examples"])
+        m["wall_s"] += r.get("wall_s") or 0.0
+        if r.get("error"):
+            m["error"] = f"{m['error']}; {r['error']}" if m["error"] else r["error"]
+    for m in merged.values():
+        m["examples"] = pd.concat(m["examples"], ignore_index=True) if m["examples"] else None
+    return list(merged.values())
 
 
 def eval_slots(use_gpu: bool, cpus_per_worker: int) -> int:
@@ -143,12 +197,15 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     n_workers = min(len(jobs), max_workers or eval_slots(use_gpu, cpus_per_worker))
     actor_cls = ray.remote(Evaluator).options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)
-    actors = [actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
-              for _ in range(n_workers)]
+
+    def spawn():
+        return actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
+
+    actors = [spawn() for _ in range(n_workers)]
     results: list[Optional[dict]] = [None] * len(jobs)
     pending: dict[Any, tuple[int, Any]] = {}
     queue = list(range(len(jobs)))
-    bar = tqdm(total=len(jobs), desc=f"eval ({n_workers} worker{'s' if n_workers > 1 else ''})", unit="model",
+    bar = tqdm(total=len(jobs), desc=f"eval ({n_workers} worker{'s' if n_workers > 1 else ''})", unit="model×family",
                disable=not progress)
     try:
         for actor in actors:
@@ -161,10 +218,8 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
             try:
                 results[i] = ray.get(done[0])
             except Exception as e:  # the actor died (out of memory, killed): record it, keep going
-                results[i] = {"name": jobs[i].name, "run_id": jobs[i].run_id, "scores": {}, "n_samples": {},
-                              "wall_s": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}",
-                              "meta": jobs[i].meta}
-                actor = actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
+                results[i] = failed(jobs[i], f"{type(e).__name__}: {str(e).splitlines()[0]}", None)
+                actor = spawn()
                 actors.append(actor)
             bar.update(1)
             bar.set_postfix_str(f"{jobs[i].name} {'failed' if results[i]['error'] else 'done'}")

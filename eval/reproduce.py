@@ -4,9 +4,14 @@ Runs the paper's five-arm ablation (LoRA, HydraLoRA, +multi-head dropout, +multi
 init, R-LoRA; ``sweeps/ablation.yaml``, every arm with the same budget and seeds) and writes one
 report, logged to the sweep's MLflow parent run under ``reproduce/``:
 
-- a per-task held-out accuracy table in the layout of the paper's Table 4 (mean ± std over seeds);
+- a per-task held-out accuracy table in the layout of the paper's Table 4: mean ± standard error,
+  where the standard error combines the spread over seeds and the finite held-out sample
+  (se² = sd²_seeds / K + se²_examples, the latter from the per-example outcomes averaged over seeds);
+- each arm's paired difference to HydraLoRA and to LoRA (same examples, same seeds) with a 95 %
+  interval: se² = se²_paired-examples + var_k(d_k) / K over the per-seed differences d_k;
 - head cosine similarity per arm (paper Fig. 2/5: HydraLoRA ≈ 0.8, R-LoRA < 0.7);
-- early gradient norms per arm (paper Fig. 6).
+- early gradient norms per arm (paper Fig. 6);
+- one sentence per claim of the paper: reproduced / not resolved at this size / contradicted.
 
 It reports what it measures, whether or not that agrees with the paper. ``--from-sweep`` builds
 the report from an ablation sweep that already ran.
@@ -59,13 +64,74 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
             continue
         m = r.data.metrics
         hist = sorted(client.get_metric_history(r.info.run_id, "train/grad_norm"), key=lambda x: x.step)
+        from pipeline.tracking import run_examples
+
         arms.setdefault(preset, []).append({
+            "examples": run_examples(client, r.info.run_id, "heldout").get("heldout"),
             "run_id": r.info.run_id, "seed": r.data.params.get("train.seed"),
             "acc": {t: m.get(f"eval/{t}/acc") for t in tasks}, "mean_acc": m.get("eval/mean_acc"),
             "head_cos": m.get("head_cos/mean"),
             "grad_norm": [(h.step, h.value) for h in hist if h.step <= EARLY_STEPS],
         })
     return arms
+
+
+def _seed_avg(recs: list[dict]):
+    """Per-example outcomes averaged over an arm's seeds (examples every seed scored)."""
+    import pandas as pd
+
+    tabs = [r["examples"] for r in recs if r.get("examples") is not None]
+    if not tabs:
+        return None
+    cat = pd.concat(tabs)
+    g = cat.groupby(["task", "example_id"], sort=True)
+    avg = g[["correct", "gold_logprob", "margin"]].mean()
+    return avg[g.size() == len(tabs)].reset_index()
+
+
+def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[float], Optional[float]]:
+    """(mean over seeds, standard error over seeds and examples) of an arm's accuracy on one task
+    or (task None) on the macro average."""
+    from pipeline.stats import score_table
+
+    per_seed = [r["acc"][task] if task else r["mean_acc"] for r in recs]
+    mean, sd = _mean_std(per_seed)
+    if mean is None:
+        return None, None
+    avg = _seed_avg(recs)
+    se_ex = None
+    if avg is not None:
+        per_task, macro = score_table(avg)
+        s = macro if task is None else per_task.get(task)
+        se_ex = None if s is None or math.isnan(s.se) else s.se
+    parts = [x for x in ((sd / math.sqrt(len(per_seed))) if sd is not None else None, se_ex) if x is not None]
+    return mean, (math.sqrt(sum(x * x for x in parts)) if parts else None)
+
+
+def arm_difference(a: list[dict], b: list[dict]) -> Optional[dict]:
+    """Arm a − arm b on the macro accuracy: paired over examples (seed-averaged outcomes) and over
+    seeds (per-seed differences, seeds matched by value). None without per-example tables."""
+    from pipeline.stats import Z95, paired_compare
+
+    ta, tb = _seed_avg(a), _seed_avg(b)
+    if ta is None or tb is None:
+        return None
+    c = paired_compare(ta, tb, "correct")
+    if c.n == 0:
+        return None
+    sb = {r["seed"]: r["mean_acc"] for r in b}
+    d = [r["mean_acc"] - sb[r["seed"]] for r in a if r["seed"] in sb and r["mean_acc"] is not None]
+    var_seed = statistics.variance(d) / len(d) if len(d) > 1 else 0.0
+    se = math.sqrt(c.se ** 2 + var_seed)
+    delta = statistics.fmean(d) if d else c.delta
+    lo, hi = delta - Z95 * se, delta + Z95 * se
+    return {"delta": delta, "se": se, "lo": lo, "hi": hi, "resolved": lo > 0 or hi < 0, "n": c.n, "seeds": len(d)}
+
+
+def _delta_cell(d: Optional[dict]) -> str:
+    if d is None:
+        return "–"
+    return f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" + ("" if d["resolved"] else " n.r.")
 
 
 def table4(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict]]:
@@ -76,20 +142,64 @@ def table4(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], li
             continue
         row = {"method": label, "seeds": len(recs)}
         for t in tasks:
-            row[TASK_LABELS.get(t, t)] = _cell(*_mean_std([r["acc"][t] for r in recs]))
-        row["Avg"] = _cell(*_mean_std([r["mean_acc"] for r in recs]))
+            row[TASK_LABELS.get(t, t)] = _cell(*arm_score(recs, t))
+        row["Avg"] = _cell(*arm_score(recs))
+        for ref in ("hydralora", "lora"):
+            row[f"Δ vs {ARMS[ref]}"] = "–" if preset == ref else _delta_cell(arm_difference(recs, arms.get(ref, [])))
         row["head cos"] = _cell(*_mean_std([r["head_cos"] for r in recs]), scale=1.0, digits=3) \
             if any(r["head_cos"] is not None for r in recs) else "– (1 head)"
         rows.append(row)
-    cols = ["method", "seeds", *[TASK_LABELS.get(t, t) for t in tasks], "Avg", "head cos"]
+    cols = ["method", "seeds", *[TASK_LABELS.get(t, t) for t in tasks], "Avg", "Δ vs HydraLoRA", "Δ vs LoRA",
+            "head cos"]
     return cols, rows
 
 
-def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-    import matplotlib
+def _verdict_from(delta: float, se: Optional[float], expected_sign: int) -> str:
+    """reproduced / contradicted when the difference is beyond 1.96 se in one direction, else not resolved."""
+    if se is None or math.isnan(se) or se == 0:
+        return "not resolved (no uncertainty estimate: one seed)" if se is None else \
+            ("reproduced" if delta * expected_sign > 0 else "contradicted")
+    z = delta / se
+    if abs(z) < 1.959963984540054:
+        return "not resolved at this size"
+    return "reproduced" if z * expected_sign > 0 else "contradicted"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def claims(arms: dict[str, list[dict]]) -> list[str]:
+    """One sentence per claim of the paper, with the numbers behind it."""
+    out = []
+    hyd, rl = arms.get("hydralora", []), arms.get("rlora", [])
+    hc = [r["head_cos"] for r in hyd if r["head_cos"] is not None]
+    rc = [r["head_cos"] for r in rl if r["head_cos"] is not None]
+    if hc and rc:
+        d = statistics.fmean(rc) - statistics.fmean(hc)
+        se = math.sqrt(sum(statistics.variance(x) / len(x) for x in (hc, rc))) if min(len(hc), len(rc)) > 1 else None
+        out.append(f"Heads less similar than HydraLoRA's (Fig. 2/5): **{_verdict_from(d, se, -1)}**: head cosine "
+                   f"R-LoRA {statistics.fmean(rc):.3f} vs HydraLoRA {statistics.fmean(hc):.3f} "
+                   f"(Δ = {d:+.3f}" + (f" ± {1.96 * se:.3f}" if se else "") + f", {min(len(hc), len(rc))} seed(s)).")
+    g = {p: [v for r in arms.get(p, []) for s_, v in r["grad_norm"] if s_ == 1] for p in ("hydralora", "rlora")}
+    if g["hydralora"] and g["rlora"]:
+        d = statistics.fmean(g["rlora"]) - statistics.fmean(g["hydralora"])
+        se = math.sqrt(sum(statistics.variance(x) / len(x) for x in g.values())) \
+            if min(map(len, g.values())) > 1 else None
+        out.append(f"Larger early gradient norms (Fig. 6): **{_verdict_from(d, se, +1)}**: step-1 gradient norm "
+                   f"R-LoRA {statistics.fmean(g['rlora']):.3g} vs HydraLoRA {statistics.fmean(g['hydralora']):.3g} "
+                   f"(Δ = {d:+.3g}" + (f" ± {1.96 * se:.2g}" if se else "") + ").")
+    diff = arm_difference(rl, hyd) if hyd and rl else None
+    if diff is not None:
+        v = "reproduced" if diff["resolved"] and diff["delta"] > 0 else (
+            "contradicted" if diff["resolved"] else "not resolved at this size")
+        out.append(f"Better multi-task accuracy than HydraLoRA (Table 4, paper +0.9 points without error bars): "
+                   f"**{v}**: R-LoRA − HydraLoRA = {100 * diff['delta']:+.1f} points, 95 % CI "
+                   f"[{100 * diff['lo']:+.1f}, {100 * diff['hi']:+.1f}] ({diff['n']} paired examples × "
+                   f"{diff['seeds']} seed(s)).")
+    return out
+
+
+def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
+    from pipeline.reports import pyplot, save_figure
+
+    plt = pyplot()
 
     labels, means, stds = [], [], []
     for preset, label in ARMS.items():
@@ -109,18 +219,14 @@ def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
     ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel("mean pairwise head cosine")
     ax.set_ylim(0, 1.05)
-    ax.set_title("head similarity after training (mean ± std over seeds)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ax.set_title("head similarity after training (mean ± sd over seeds)", fontsize=9)
+    return save_figure(fig, path)
 
 
 def plot_grad_norms(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-    import matplotlib
+    from pipeline.reports import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
     drawn = False
@@ -142,10 +248,7 @@ def plot_grad_norms(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
     ax.set_title(f"early gradient norms, first {EARLY_STEPS} steps (mean over seeds)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str, tuple[Optional[float], Optional[float]]]:
@@ -170,17 +273,19 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
     if not arms:
         raise RuntimeError(f"sweep {parent_run_id}: no finished ablation trials to report")
     cols, rows = table4(arms, tasks)
-    write_table(rows, cols, out_dir, "table4")
+    tables = write_table(rows, cols, out_dir, "table4")
     figs = [plot_head_cos(arms, out_dir / "head_cosine.png"), plot_grad_norms(arms, out_dir / "early_grad_norms.png")]
     grads = early_grad_summary(arms)
     hyd, rl = (_mean_std([r["head_cos"] for r in arms.get(p, [])])[0] for p in ("hydralora", "rlora"))
     avg = {p: _mean_std([r["mean_acc"] for r in arms.get(p, [])])[0] for p in ARMS}
     lines = ["# R-LoRA ablation: reproduction report", "",
              f"MLflow sweep run `{parent_run_id}`. {config_note}" + (f" Wall time {wall_s / 60:.1f} min." if wall_s else ""),
-             "", "## Table 4 layout: held-out accuracy (%) per task, mean ± std over seeds", "",
-             (out_dir / "table4.md").read_text().rstrip(), "",
+             "", "## Table 4 layout: held-out accuracy (%) per task, mean ± standard error (seeds and examples)", "",
+             tables[0].read_text().rstrip(), "",
              "*BoolQ stands in for QQP, which is not available offline. Accuracy is the training loop's held-out "
-             "evaluation at the last step (log-likelihood choice among the task's answers).", "",
+             "evaluation at the last step (log-likelihood choice among the task's answers). Δ columns: paired "
+             "difference in points with its 95 % interval (examples and seeds); n.r. = not resolved.", "",
+             "## The paper's claims at this size", "", *[f"- {c}" for c in claims(arms)], "",
              "## What the paper reports, and what this run measured", "",
              "| quantity | paper | measured here |", "|---|---|---|",
              f"| Avg, HydraLoRA → R-LoRA | 72.69 → 73.59 (Qwen2.5-0.5B) | "
@@ -192,10 +297,6 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
         verdict.append(f"Head similarity: R-LoRA {'<' if rl < hyd else '≥'} HydraLoRA ({rl:.3f} vs {hyd:.3f}); "
                        f"R-LoRA {'is' if rl < 0.7 else 'is not'} below the paper's 0.7; HydraLoRA "
                        f"{'is' if abs(hyd - 0.8) <= 0.1 else 'is not'} within 0.1 of the paper's 0.8.")
-    if avg.get("hydralora") is not None and avg.get("rlora") is not None:
-        d = (avg["rlora"] - avg["hydralora"]) * 100
-        verdict.append(f"Accuracy: R-LoRA − HydraLoRA = {d:+.1f} points on the average "
-                       f"(paper: +0.9 points); compare with the seed std in the table before reading anything into it.")
     lines += verdict + ["", "## Early gradient norms (adapter parameters, before clipping; mean over seeds)", "",
                         "| method | step 1 | steps 1–5 |", "|---|---|---|"]
     fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
@@ -203,7 +304,7 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
     lines += ["", "![head cosine](head_cosine.png)", "", "![early gradient norms](early_grad_norms.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
-    for f in [report, out_dir / "table4.md", out_dir / "table4.html", out_dir / "table4.csv", *[f for f in figs if f]]:
+    for f in [report, *tables, *[f for f in figs if f]]:
         t.log_artifact(f, "reproduce")
     return {"report": str(report), "rows": rows, "head_cos": {"hydralora": hyd, "rlora": rl}, "grad": grads,
             "avg": avg}

@@ -97,13 +97,60 @@ def metric_name(task: str) -> Optional[str]:
 
 
 def flatten_scores(results: dict[str, dict]) -> dict[str, float]:
+    """lm-eval's results -> ``<family>/<name>`` scores, each with lm-eval's own standard error
+    as ``<family>/<name>_stderr`` (sample std / sqrt(n) for accuracies; pooled over a group's
+    subtasks for group averages)."""
     out = {}
     for task, metrics in results.items():
         name = metric_name(task)
-        score = next((metrics[k] for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))), None)
-        if name and score is not None:
-            out[name] = float(score)
+        key = next((k for k in SCORE_KEYS if isinstance(metrics.get(k), (int, float))), None)
+        if name and key is not None:
+            out[name] = float(metrics[key])
+            metric, filt = key.split(",")
+            se = metrics.get(f"{metric}_stderr,{filt}")
+            if isinstance(se, (int, float)):
+                out[f"{name}_stderr"] = float(se)
     return out
+
+
+def lmeval_examples(samples: dict[str, list[dict]]):
+    """lm-eval's logged samples -> one row per question (pipeline.stats.EXAMPLE_COLUMNS): task is
+    the metric name (``mmlu/anatomy``), example_id lm-eval's doc hash, correct the task's score
+    (acc or exact match, the same filter as the reported score), and for log-likelihood tasks the
+    gold choice's log-prob and its margin over the best wrong choice (nan for generation)."""
+    import math
+
+    import pandas as pd
+
+    from pipeline.stats import EXAMPLE_COLUMNS
+
+    rows = []
+    for task, items in samples.items():
+        name = metric_name(task)
+        if not name or not items:
+            continue
+        rank = {k: i for i, k in enumerate(SCORE_KEYS)}
+
+        def priority(sample):
+            return min((rank.get(f"{m},{sample['filter']}", len(rank)) for m in sample["metrics"]), default=len(rank))
+
+        best = min(priority(x) for x in items)
+        if best == len(rank):
+            continue
+        metric = SCORE_KEYS[best].split(",")[0]
+        for x in items:
+            if priority(x) != best:
+                continue
+            gold, margin = math.nan, math.nan
+            resps, target = x.get("filtered_resps"), x.get("target")
+            if (isinstance(target, int) and isinstance(resps, list) and len(resps) > 1
+                    and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in resps) and 0 <= target < len(resps)):
+                lps = [float(r[0]) for r in resps]
+                gold = lps[target]
+                margin = gold - max(lp for i, lp in enumerate(lps) if i != target)
+            rows.append({"task": name, "example_id": str(x.get("doc_hash") or x["doc_id"])[:16],
+                         "correct": float(x[metric]), "gold_logprob": gold, "margin": margin})
+    return pd.DataFrame(rows, columns=list(EXAMPLE_COLUMNS))
 
 
 def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -138,7 +185,9 @@ def _print_scores(scores: dict[str, float]) -> None:
     from eval.stage import headline
 
     for k, v in headline(scores).items():
-        print(f"{k:32s} {v:.4f}")
+        if not k.endswith("_stderr"):
+            se = scores.get(f"{k}_stderr")
+            print(f"{k:32s} {v:.4f}" + (f" ± {se:.4f}" if se is not None else ""))
 
 
 def run_sweep_stage(args, tracking_uri: str) -> int:
@@ -237,10 +286,12 @@ def main(argv=None) -> int:
                                "wall_s": res["wall_s"]}, indent=2, default=str) + "\n")
     print(f"wrote {out}")
     run_id = args.mlflow_run or run_from_adapter
-    if run_id:
-        from pipeline.tracking import Tracker
+    if run_id:  # scores, standard errors and the per-question table, as the eval stage logs them
+        from mlflow import MlflowClient
 
-        Tracker(tracking_uri, run_id).log_metrics(scores, step=0)
+        from eval.stage import _log_results
+
+        _log_results([{**res, "run_id": run_id}], settings, tracking_uri, MlflowClient(tracking_uri))
         print(f"logged to MLflow run {run_id}")
     return 0
 

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.harness import EvalJob, EvalSettings, evaluate_jobs
+from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
 
 SIG_TAG = "rlora.eval.signature"
 ROUND_TAG = "rlora.eval.round"
@@ -34,15 +34,31 @@ def headline(scores: dict[str, float]) -> dict[str, float]:
     """The scores worth a column: family averages, MMLU categories, held-out accuracies."""
     from eval.run import CATEGORY_GROUPS
 
-    return {k: v for k, v in sorted(scores.items())
-            if k.endswith("/avg") or k.startswith("heldout/") or (k.split("/")[0].startswith("mmlu") and k.split("/")[1] in CATEGORY_GROUPS)}
+    keep = {k for k in scores if not k.endswith("_stderr") and (
+        k.endswith("/avg") or k.startswith("heldout/")
+        or (k.split("/")[0].startswith("mmlu") and k.split("/")[1] in CATEGORY_GROUPS))}
+    keep |= {f"{k}_stderr" for k in keep if f"{k}_stderr" in scores}  # shown as x ± se
+    return {k: scores[k] for k in sorted(keep)}
 
 
 def settings_from(ev, model: str) -> EvalSettings:
+    """The settings of the whole stage (its signature decides whether a run is already scored)."""
     from eval.run import resolve_tasks
 
-    return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=ev.limit,
+    limit = tuple(sorted(ev.limit.items())) if isinstance(ev.limit, dict) else ev.limit
+    return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=limit,
                         num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, gen_kwargs=ev.gen_kwargs)
+
+
+def unit_settings(ev, model: str) -> list[EvalSettings]:
+    """One EvalSettings per task family, with that family's limit: the units the workers share."""
+    from dataclasses import replace
+
+    from eval.run import resolve_tasks
+
+    whole = settings_from(ev, model)
+    return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
+            for family, lm_name in zip(ev.tasks, resolve_tasks(list(ev.tasks), ev.task_source))]
 
 
 def _has_adapter(client, run_id: str) -> bool:
@@ -105,10 +121,9 @@ def _register(client, name: str, run, scores: dict[str, float], metric: str) -> 
 
 
 def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[Path]:
-    import matplotlib
+    from pipeline.reports import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
     if not keys or not rows:
@@ -117,17 +132,15 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
     fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(keys) + 1), 3.4))
     for i, r in enumerate(rows):
         xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(keys))]
-        ax.bar(xs, [r.get(k) or 0.0 for k in keys], width, label=r["model"], color="0.55" if r["model"] == "base" else None)
+        err = [r.get(f"{k}_stderr") or 0.0 for k in keys]  # lm-eval's standard error
+        ax.bar(xs, [r.get(k) or 0.0 for k in keys], width, yerr=err, capsize=2, label=r["model"],
+               color="0.55" if r["model"] == "base" else None)
     ax.set_xticks(range(len(keys)), keys, rotation=20, ha="right")
     ax.set_ylabel("score")
-    ax.set_title("eval stage: base model vs top trials", fontsize=10)
+    ax.set_title("eval stage: base model vs top trials (error bars: ±1 standard error)", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
@@ -146,17 +159,20 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     if ev.include_base:
         targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
     jobs, scores = [], {}
-    for name, run in targets:
-        if run.data.tags.get(SIG_TAG) == sig:  # already scored with these settings: reuse, log nothing
-            scores[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
-            continue
-        adapter = None if name == "base" else f"runs:/{run.info.run_id}/adapter"  # fetched by the worker
-        jobs.append(EvalJob(name=name, adapter_dir=adapter, run_id=run.info.run_id, tracking_uri=tracking_uri))
+    units = unit_settings(ev, model)
+    for unit in units:  # family-major: the first (usually the costliest) family of every model starts first
+        for name, run in targets:
+            if run.data.tags.get(SIG_TAG) == sig:  # already scored with these settings: reuse, log nothing
+                scores[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
+                continue
+            adapter = None if name == "base" else f"runs:/{run.info.run_id}/adapter"  # fetched by the worker
+            jobs.append(EvalJob(name=name, adapter_dir=adapter, run_id=run.info.run_id, tracking_uri=tracking_uri,
+                                settings=unit))
     cached = list(scores)
     print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings), "
           f"tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
-    results = evaluate_jobs(settings, jobs, max_workers=ev.max_workers, cpus_per_worker=ev.cpus_per_worker,
-                            progress=progress)
+    results = merge_results(evaluate_jobs(settings, jobs, max_workers=ev.max_workers,
+                                          cpus_per_worker=ev.cpus_per_worker, progress=progress))
     scores.update(_log_results(results, settings, tracking_uri, client))
     registry = ev.registry_name or f"rlora-{sweep_name}"
     versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric)
@@ -166,12 +182,13 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
              **{p: run.data.params.get(p) for p in params}, "registry_version": versions.get(name),
              **headline(scores[name])}
             for name, run in targets if name in scores]
-    keys = sorted({k for name in scores for k in headline(scores[name])})
-    for f in _write_comparison(rows, keys, metric, params, Path(out_dir)):
+    keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
+    paired = paired_rows(client, [(name, run.info.run_id) for name, run in targets if name in scores])
+    for f in _write_comparison(rows, keys, metric, params, Path(out_dir), paired):
         tracker.log_artifact(f, "eval")
     tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
     failed = {r["name"]: r["error"] for r in results if r["error"]}
-    summary = {"rows": rows, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
+    summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
                "cached": cached, "failed": failed, "signature": sig}
     (Path(out_dir) / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if failed:
@@ -193,18 +210,69 @@ def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str,
             continue
         rnd = int(client.get_run(r["run_id"]).data.tags.get(ROUND_TAG, "-1")) + 1
         t.log_metrics({**r["scores"], "eval/wall_s": r["wall_s"]}, step=rnd)
+        if r.get("examples") is not None and len(r["examples"]):
+            import tempfile
+
+            from pipeline.stats import examples_file, save_examples
+            from pipeline.tracking import EXAMPLES_DIR
+
+            with tempfile.TemporaryDirectory() as tmp:
+                t.log_artifact(save_examples(r["examples"], Path(tmp) / examples_file("lmeval", rnd)), EXAMPLES_DIR)
         t.set_tags({SIG_TAG: settings.signature(), ROUND_TAG: str(rnd),
                     "rlora.eval.settings": json.dumps(settings.__dict__, default=str)})
         scores[r["name"]] = r["scores"]
     return scores
 
 
-def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path) -> list[Path]:
-    """comparison.{md,csv,html} (every headline score) and comparison.png (family averages)."""
+def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
+    """Per task family, each model's paired difference (on the questions both answered) to the
+    base model and to the best trial (the first non-base model: targets are ranked by the sweep's
+    objective), with 95 % paired-bootstrap intervals."""
+    from pipeline.stats import paired_compare
+    from pipeline.tracking import run_examples
+
+    tables = {name: run_examples(client, rid, "lmeval").get("lmeval") for name, rid in models}
+    trials = [name for name, _ in models if name != "base"]
+    refs = [("base", "base")] + ([("best", trials[0])] if trials else [])
+    out = []
+    for name, table in tables.items():
+        if table is None or name == "base":
+            continue
+        for family in sorted({t.split("/")[0] for t in table["task"]}):
+            row = {"model": name, "family": family}
+            for label, ref in refs:
+                other = tables.get(ref)
+                if ref == name or other is None:
+                    continue
+                sub = lambda t: t[t["task"].str.startswith(family + "/")]  # noqa: E731
+                c = paired_compare(sub(table), sub(other), "correct", by_task=False)
+                if c.n == 0:
+                    continue
+                row[f"Δ vs {label}"] = f"{100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]"
+                row[f"resolved vs {label}"] = "yes" if c.resolved else "no"
+                row[f"sentence vs {label}"] = c.sentence(name, ref)
+                row["n"] = c.n
+            out.append(row)
+    return out
+
+
+def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path,
+                      paired: Optional[list[dict]] = None) -> list[Path]:
+    """comparison.{md,csv,html} (every headline score as x ± se), comparison_paired.{md,csv,html}
+    (paired differences to the base model and to the best trial) and comparison.png."""
     from pipeline.reports import write_table
 
     files = list(write_table(rows, ["model", metric, *params, *keys, "registry_version", "run_id"], out_dir,
                              "comparison"))
+    if paired:
+        cols = ["model", "family", "n", "Δ vs base", "resolved vs base", "Δ vs best", "resolved vs best"]
+        cols = [c for c in cols if any(c in r for r in paired)]
+        files += list(write_table(paired, cols, out_dir, "comparison_paired"))
+        note = ["", "Differences in points (×100), paired over the questions both models answered, 95 % "
+                "paired-bootstrap interval; 'no' = not resolved at this sample size.", ""]
+        note += [f"- {r[k]}" for r in paired for k in ("sentence vs base", "sentence vs best") if k in r]
+        md = files[0]
+        md.write_text(md.read_text() + "\n" + files[3].read_text() + "\n".join(note) + "\n")
     fig = plot_comparison(rows, [k for k in keys if k.endswith("/avg") or k.startswith("heldout/")],
                           out_dir / "comparison.png")
     return files + ([fig] if fig else [])

@@ -232,7 +232,9 @@ class EvalSection(_Strict):
     include_base: bool = True
     task_source: Literal["local", "stock"] = Field("local", description="stock: lm-eval's own tasks (needs the hub)")
     tasks: list[str] = Field(default_factory=lambda: ["bbh", "mmlu", "mmlu_continuation"], min_length=1)
-    limit: Optional[float] = Field(None, gt=0, description="examples per subtask (or a fraction); none: all")
+    limit: Union[None, float, dict[str, float]] = Field(
+        None, description="questions per subtask (or a fraction); one number, or per family, e.g. "
+                          "{mmlu: 5, bbh_fewshot: 2} (a family left out: all); none: all")
     num_fewshot: Optional[int] = Field(None, ge=0)
     batch_size: int = Field(16, ge=1)
     gen_kwargs: Optional[str] = Field(None, description="lm-eval generation override, e.g. 'max_gen_toks=256'")
@@ -252,6 +254,19 @@ class EvalSection(_Strict):
                 if t not in known:
                     raise ValueError(f"unknown eval task {t!r}; known: {', '.join(known)}")
         return v
+
+    @model_validator(mode="after")
+    def _limits(self):
+        limits = self.limit if isinstance(self.limit, dict) else {"": self.limit}
+        for family, n in limits.items():
+            if n is not None and n <= 0:
+                raise ValueError(f"limit{'.' + family if family else ''}: must be > 0")
+            if family and family not in self.tasks:
+                raise ValueError(f"limit.{family}: not one of eval.tasks ({', '.join(self.tasks)})")
+        return self
+
+    def limit_for(self, family: str) -> Optional[float]:
+        return self.limit.get(family) if isinstance(self.limit, dict) else self.limit
 
 
 def _field_exists(path: str) -> bool:

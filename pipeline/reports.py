@@ -21,36 +21,72 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(r: dict, c: str) -> str:
+    """A cell for people: ``x ± se`` when the row has ``<c>_stderr``."""
+    se = r.get(f"{c}_stderr")
+    if se is None or r.get(c) is None or (isinstance(se, float) and se != se):
+        return _fmt(r.get(c))
+    return f"{_fmt(r.get(c))} ± {_fmt(se)}"
+
+
 def write_table(rows: list[dict], cols: list[str], out_dir: Path, stem: str) -> tuple[Path, Path, Path]:
-    """``rows`` (in order) as <stem>.md, <stem>.csv and <stem>.html under ``out_dir``."""
+    """``rows`` (in order) as <stem>.md, <stem>.csv and <stem>.html under ``out_dir``. A column
+    ``c`` whose rows carry ``c_stderr`` is shown as ``x ± se`` in md/html; the CSV keeps both."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / f"{stem}.md"
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, c) for c in cols) + " |" for r in rows]
     md.write_text("\n".join(lines) + "\n")
     csv_path = out_dir / f"{stem}.csv"
+    csv_cols = [x for c in cols for x in ([c, f"{c}_stderr"] if any(f"{c}_stderr" in r for r in rows) else [c])]
     with csv_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=csv_cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     page = out_dir / f"{stem}.html"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r, c))}</td>" for c in cols) + "</tr>" for r in rows)
     page.write_text(f"<table border=1 cellpadding=4><tr>{head}</tr>{body}</table>\n")
     return md, csv_path, page
 
 
+DELTA_COL = "Δ vs best (95% CI)"
+
+
 def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
-    cols = ["trial_id", "status", "steps", metric, *params, "mlflow_run"]
+    """Trials best first; the objective as ``x ± se`` and, where per-example tables exist, the
+    paired difference to the best trial with its 95 % interval and whether it is resolved."""
+    cols = ["trial_id", "status", "steps", metric]
+    if any(r.get(DELTA_COL) for r in rows):
+        cols += [DELTA_COL, "resolved"]
+    cols += [*params, "mlflow_run"]
     ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
     return write_table(ordered, cols, out_dir, "trials")
 
 
-def plot_objective_vs_params(rows: list[dict], params: list[str], metric: str, path: Path) -> Optional[Path]:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display here, nor on Ray workers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_objective_vs_params(rows: list[dict], params: list[str], metric: str, path: Path) -> Optional[Path]:
+    plt = pyplot()
 
     pts = [r for r in rows if r.get(metric) is not None]
     if not pts or not params:
@@ -71,8 +107,4 @@ def plot_objective_vs_params(rows: list[dict], params: list[str], metric: str, p
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     fig.suptitle("objective vs hyper-parameters (blue: done, orange: stopped by ASHA)", fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -20,6 +20,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -100,14 +101,13 @@ def submit(address: str, config: str, tracking_uri: Optional[str], overrides: li
     cfg = load_sweep_config(config, overrides)  # one-line ConfigError before anything leaves this machine
     uri = tracking_uri or cfg.base.mlflow.tracking_uri
     check_tracking_uri(uri)
-    if data_dir is None and not os.environ.get("RLORA_DATA_DIR"):
-        from pipeline.data.core import DataError, data_dir as local_data_dir
+    if data_dir is None:  # the path resolved here ($RLORA_DATA_DIR or ../shared/data), taken to be the
+        from pipeline.data.core import ENV_VAR, DataError, data_dir as local_data_dir  # same on the cluster
 
-        try:  # the same path on the cluster: right for loopback clusters and shared mounts
+        try:
             data_dir = str(local_data_dir().resolve())
-        except DataError:
-            pass
-    data_dir = data_dir or os.environ.get("RLORA_DATA_DIR")
+        except DataError:  # not here: $RLORA_DATA_DIR may still name the cluster's path
+            data_dir = os.environ.get(ENV_VAR)
     ep = entrypoint(config_in_project(config), tracking_uri, overrides)
     client = make_client(address, token_file)
     try:
@@ -131,8 +131,6 @@ def follow(client, job_id: str, out=sys.stdout) -> str:
         asyncio.run(tail())
     except Exception as e:  # the log stream can drop; the status is what counts
         print(f"(log stream ended: {_first_line(e)})", file=sys.stderr)
-    import time
-
     while True:
         status = str(client.get_job_status(job_id)).split(".")[-1]
         if status in TERMINAL:

@@ -191,9 +191,12 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, 
                      "setup_s": metrics.get("time/setup_s"),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
                      **{k: r.config.get(k) for k in cfg.search}})
+        rows[-1][f"{cfg.tune.metric}_stderr"] = metrics.get(f"{cfg.tune.metric}_stderr") if obj is not None else None
     ok = [row for row in rows if row[cfg.tune.metric] is not None and not math.isnan(row[cfg.tune.metric])
           and row["status"] != "ERROR"]
-    best = (max if cfg.tune.mode == "max" else min)(ok, key=lambda row: row[cfg.tune.metric]) if ok else None
+    ok.sort(key=lambda row: row[cfg.tune.metric], reverse=cfg.tune.mode == "max")
+    best = ok[0] if ok else None
+    verdict = compare_trials(ok, cfg.tune.metric, tracker.client)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out)
@@ -209,11 +212,58 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, 
     tracker.log_metrics({f"sweep/{k}": v for k, v in summary.items()}, step=0)
     if best:
         tracker.log_params({f"best.{k}": best[k] for k in cfg.search})
-        tracker.log_metrics({f"best/{cfg.tune.metric}": best[cfg.tune.metric]}, step=0)
+        tracker.log_metrics({f"best/{cfg.tune.metric}": best[cfg.tune.metric],
+                             f"best/{cfg.tune.metric}_stderr": best.get(f"{cfg.tune.metric}_stderr")}, step=0)
         tracker.set_tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run"] or ""})
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows}, indent=2,
-                                                 default=str) + "\n")
-    return {"summary": summary, "best": best, "rows": rows}
+    if verdict:
+        tracker.set_tags({"rlora.best_vs_runner_up": verdict})
+    (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows,
+                                                  "best_vs_runner_up": verdict}, indent=2, default=str) + "\n")
+    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict}
+
+
+def compare_trials(ranked: list[dict], metric: str, client) -> Optional[str]:
+    """Paired comparison of every trial with the best on the held-out examples they all scored
+    (adds ``Δ vs best`` and ``resolved`` to the rows); returns the best-vs-runner-up sentence."""
+    from pipeline.reports import DELTA_COL
+    from pipeline.stats import display_scale, objective_column, paired_compare
+    from pipeline.tracking import run_examples
+
+    col = objective_column(metric)
+    if col is None or len(ranked) < 2:
+        return None
+    tables = {}
+    for row in ranked:
+        if row.get("mlflow_run"):
+            tables[row["trial_id"]] = run_examples(client, row["mlflow_run"], "heldout").get("heldout")
+    best = tables.get(ranked[0]["trial_id"])
+    if best is None:
+        return None
+    scale, unit = display_scale(col)
+    for row in ranked[1:]:
+        t = tables.get(row["trial_id"])
+        if t is None:
+            continue
+        c = paired_compare(t, best, col)
+        row[DELTA_COL] = f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]"
+        row["resolved"] = "yes" if c.resolved else "no"
+    second = tables.get(ranked[1]["trial_id"])
+    if second is None:
+        return None
+    return paired_compare(best, second, col).sentence("the best trial", "the second", scale, unit)
+
+
+def precision_note(cfg: SweepConfig) -> str:
+    """What standard error the sweep's settings give its objective, said before it starts."""
+    from pipeline.data import resolve_tasks
+    from pipeline.stats import expected_se
+
+    n_tasks = len(resolve_tasks(cfg.base.data.tasks))
+    n = cfg.base.data.eval_per_task
+    se = expected_se(n, n_tasks)
+    return (f"objective {cfg.tune.metric}: {n_tasks} task(s) x {n} held-out examples = {n_tasks * n}, the same "
+            f"for every trial; a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points "
+            f"(paired comparisons at the end say which differences between trials are resolved)")
 
 
 def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) -> dict[str, Any]:
@@ -245,6 +295,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
         (sweep_dir / "sweep_config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
         tracker.log_artifact(sweep_dir / "sweep_config.json")  # what `eval.run --sweep` reads back
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
+    print(precision_note(cfg), flush=True)
 
     try:
         ensure_ray()
@@ -315,7 +366,12 @@ def main(argv=None) -> int:
           f"({s['done']} done, {s['stopped']} stopped early by ASHA, {s['errored']} failed)")
     if best:
         params = ", ".join(f"{k}={best[k]}" for k in cfg.search)
-        print(f"best {cfg.tune.metric} = {best[cfg.tune.metric]:.4f} (trial {best['trial_id']}): {params}")
+        se = best.get(f"{cfg.tune.metric}_stderr")
+        print(f"best {cfg.tune.metric} = {best[cfg.tune.metric]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
+              + f" (trial {best['trial_id']}): {params}")
+        if out.get("verdict"):
+            print(out["verdict"][0].upper() + out["verdict"][1:] + ".")
+        print(open(Path(out["sweep_dir"]) / "report" / "trials.md").read().rstrip())
     t = out["timing"]
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
           f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s")

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 from urllib.parse import urlparse
 
 MAX_PARAM_LEN = 6000
+EXAMPLES_DIR = "examples"  # per-example tables on a run: examples/<kind>-<step>.parquet (pipeline.stats)
 
 
 class TrackingError(RuntimeError):
@@ -130,12 +131,32 @@ class Tracker:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
 
 
+def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, Any]:
+    """The latest per-example table of each kind (``heldout``, ``lmeval``) on a run, as DataFrames."""
+    import tempfile
+
+    from pipeline.stats import load_examples
+
+    latest: dict[str, str] = {}
+    for a in client.list_artifacts(run_id, EXAMPLES_DIR):
+        name = a.path.rsplit("/", 1)[-1]
+        if not name.endswith(".parquet") or "-" not in name:
+            continue
+        k = name.rsplit("-", 1)[0]
+        if (kind is None or k == kind) and a.path > latest.get(k, ""):
+            latest[k] = a.path
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, path in latest.items():
+            out[k] = load_examples(client.download_artifacts(run_id, path, tmp))
+    return out
+
+
 def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") -> Optional[Path]:
     """One panel per metric key, from the run's metric history in MLflow."""
-    import matplotlib
+    from pipeline.reports import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     series = {k: tracker.history(k) for k in keys}
     series = {k: v for k, v in series.items() if v}
@@ -157,8 +178,4 @@ def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") 
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

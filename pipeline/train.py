@@ -40,24 +40,60 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def evaluate(model, tok, held_out, max_length: int) -> dict[str, float]:
+def score_held_out(model, tok, examples, max_length: int, rank: int = 0, world: int = 1) -> list[dict]:
+    """Per-example outcomes of the multiple-choice held-out examples, scored in shards over the
+    ``world`` DDP ranks (rank r takes examples r, r+W, ...) and gathered in input order on every rank."""
+    from pipeline.scoring import score_choices
+
+    rows = score_choices(model, tok, examples[rank::world], max_length)
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, rows)
+    out: list = [None] * len(examples)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
+def evaluate(model, tok, held_out, max_length: int, rank: int = 0, world: int = 1):
+    """(metrics, per-example table or None). Every rank must call it (the scoring is sharded);
+    metrics are per-task accuracy, margin and gold log-prob with standard errors, their macro
+    means (``eval/mean_acc`` ...), answer NLL of generative tasks and head similarity."""
+    import pandas as pd
+
     from pipeline.batching import is_choice_task
-    from pipeline.scoring import answer_nll_by_task, choice_accuracy_by_task
+    from pipeline.scoring import answer_nll_by_task
+    from pipeline.stats import EXAMPLE_COLUMNS, score_metrics
     from rlora.analysis import head_similarity, similarity_summary
 
     choice = [e for e in held_out if is_choice_task(e.task)]
     gen = [e for e in held_out if not is_choice_task(e.task)]
     out: dict[str, float] = {}
+    table = None
     if choice:
-        acc = choice_accuracy_by_task(model, tok, choice, max_length)
-        out.update({f"eval/{t}/acc": v for t, v in acc.items()})
-        out["eval/mean_acc"] = sum(acc.values()) / len(acc)
-    if gen:
+        rows = score_held_out(model, tok, choice, max_length, rank, world)
+        table = pd.DataFrame([{c: r[c] for c in EXAMPLE_COLUMNS} for r in rows], columns=list(EXAMPLE_COLUMNS))
+        out.update(score_metrics(table, prefix="eval"))
+    if gen and rank == 0:
         out.update({f"eval/{t}/answer_nll": v for t, v in answer_nll_by_task(model, tok, gen, max_length).items()})
-    sims = head_similarity(model)
-    if sims:
-        out.update(similarity_summary(sims))
-    return out
+    if rank == 0:
+        sims = head_similarity(model)
+        if sims:
+            out.update(similarity_summary(sims))
+    return out, table
+
+
+def _log_examples(tracker, table, step: int) -> None:
+    if tracker is None or table is None:
+        return
+    from pipeline.stats import examples_file, save_examples
+    from pipeline.tracking import EXAMPLES_DIR
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifact(save_examples(table, Path(tmp) / examples_file("heldout", step)), EXAMPLES_DIR)
 
 
 def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
@@ -76,6 +112,24 @@ def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool)
                 plot_head_tsne(model, directory / "figures" / "head_tsne.png")
             except ValueError:
                 pass  # too few heads of one type for a t-SNE
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_trainer_state(path: Path, device="cpu") -> dict:
+    """Optimizer/scheduler state and step, loaded with ``weights_only=True``: a checkpoint on shared
+    storage that carries a pickled object is refused, never executed."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refusing to load trainer state that is not plain tensors and "
+                              f"containers ({str(e).splitlines()[0][:200]})") from None
 
 
 def _maybe_kill(rank: int, step: int, resumed: bool) -> None:
@@ -118,7 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
-            state = torch.load(Path(d) / TRAINER_STATE, map_location=device, weights_only=False)
+            state = load_trainer_state(Path(d) / TRAINER_STATE, device)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
@@ -141,8 +195,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker.set_tags({"ray.worker_node_ids": ",".join(nodes), "ray.num_nodes": str(len(set(nodes)))})
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
-    if tracker and start == 0 and cfg.train.eval_at_start:
-        tracker.log_metrics(evaluate(model, tok, mix.held_out, cfg.data.max_length), step=0)
+    if start == 0 and cfg.train.eval_at_start:
+        evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
+        if tracker:
+            tracker.log_metrics(evals, step=0)
+            _log_examples(tracker, table, 0)
     t_last = t_loop = time.perf_counter()
     timing = {"time/setup_s": t_loop - t_enter}
     for step in range(start + 1, cfg.train.steps + 1):
@@ -179,11 +236,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (do_eval or do_ckpt):
             continue
         metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item(), **timing}
-        if rank == 0 and do_eval:
-            evals = evaluate(model, tok, mix.held_out, cfg.data.max_length)
-            metrics.update(evals)
-            metrics["time/loop_s"] = time.perf_counter() - t_loop
-            tracker.log_metrics(evals, step=step)
+        if do_eval:  # every rank scores its shard
+            evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
+            if rank == 0:
+                metrics.update(evals)
+                metrics["time/loop_s"] = time.perf_counter() - t_loop
+                tracker.log_metrics(evals, step=step)
+                _log_examples(tracker, table, step)
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         if rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,15 @@ def test_adapters_swap_on_one_base_without_leaking(tiny_model_dir, adapters):
     base2 = ev.evaluate(EvalJob("base"))
     assert not any(r["error"] for r in (base1, a0, a1, base2))
     assert base1["scores"] == base2["scores"]
-    assert set(base1["scores"]) == {"heldout/sst2", "heldout/boolq"}
+    assert set(base1["scores"]) == {"heldout/sst2", "heldout/boolq", "heldout/sst2_stderr", "heldout/boolq_stderr"}
+    # lm-eval's standard error is the hand-computed one, and the per-question table agrees with the score
+    ex = a0["examples"]
+    assert len(ex) == 2 * N and not ex.duplicated(["task", "example_id"]).any()
+    for task in ("sst2", "boolq"):
+        p = a0["scores"][f"heldout/{task}"]
+        assert ex[ex["task"] == f"heldout/{task}"]["correct"].mean() == pytest.approx(p)
+        assert a0["scores"][f"heldout/{task}_stderr"] == pytest.approx((p * (1 - p) / (N - 1)) ** 0.5)
+    assert ((ex["margin"] > 0) == (ex["correct"] == 1)).all()
     # the unloaded model is the untouched base, bit for bit
     assert torch.equal(base_logits(ev.base, ids), base_logits(fresh, ids))
     assert not any("rlora" in n for n, _ in ev.base.named_modules())

@@ -1,10 +1,12 @@
 """python -m eval.reproduce end to end on a tiny model: the five arms, one report."""
 
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -32,15 +34,46 @@ def test_reproduce_writes_table4_head_cosine_and_grad_norms(tmp_path, tiny_model
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     table = (out / "table4.md").read_text().splitlines()
-    assert table[0].startswith("| method | seeds | SST-2 | BoolQ* | Avg | head cos |")
-    labels = [line.split("|")[1].strip() for line in table[2:]]
-    assert labels == ["LoRA", "HydraLoRA", "+ multi-head dropout", "+ multi-head random init", "R-LoRA"]
-    assert "– (1 head)" in table[2] and "– (1 head)" not in "".join(table[3:])
-    assert "head cosine, R-LoRA | < 0.7 |" in report and "72.69 → 73.59" in report
-    assert (out / "head_cosine.png").stat().st_size > 0 and (out / "early_grad_norms.png").stat().st_size > 0
+    cols = [c.strip() for c in table[0].strip("|").split("|")]
+    assert cols == ["method", "seeds", "SST-2", "BoolQ*", "Avg", "Δ vs HydraLoRA", "Δ vs LoRA", "head cos"]
+    cells = {line.split("|")[1].strip(): dict(zip(cols, (c.strip() for c in line.strip("|").split("|"))))
+             for line in table[2:]}
+    assert list(cells) == ["LoRA", "HydraLoRA", "+ multi-head dropout", "+ multi-head random init", "R-LoRA"]
+    # every measured cell recomputed here from MLflow: the runs' metrics and per-example tables
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ablation")
-    parent = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags][0]
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    label = {"lora": "LoRA", "hydralora": "HydraLoRA", "hydralora+mt": "+ multi-head dropout",
+             "hydralora+init": "+ multi-head random init", "rlora": "R-LoRA"}
+    tables = {}
+    for r in runs:
+        if "rlora.trial_id" not in r.data.tags:
+            continue
+        name = label[r.data.params["adapter.preset"]]
+        t = pd.read_parquet(client.download_artifacts(r.info.run_id, "examples/heldout-000004.parquet",
+                                                      str(tmp_path / r.info.run_id)))
+        tables[name] = t
+        per_task = t.groupby("task")["correct"]
+        mean = per_task.mean().mean()
+        assert mean == pytest.approx(r.data.metrics["eval/mean_acc"])
+        se = math.sqrt((per_task.var(ddof=1) / per_task.size()).sum()) / 2  # one seed: examples only
+        assert cells[name]["Avg"] == f"{100 * mean:.1f} ± {100 * se:.1f}"
+        hc = r.data.metrics.get("head_cos/mean")
+        assert cells[name]["head cos"] == ("– (1 head)" if hc is None else f"{hc:.3f}")
+    # R-LoRA − HydraLoRA, paired over the same examples (one seed: no seed variance)
+    m = tables["R-LoRA"].merge(tables["HydraLoRA"], on=["task", "example_id"], suffixes=("_r", "_h"))
+    d = (m["correct_r"] - m["correct_h"]).groupby(m["task"])
+    delta = d.mean().mean()
+    se = math.sqrt((d.var(ddof=1) / d.size()).sum()) / 2
+    lo, hi = delta - 1.959963984540054 * se, delta + 1.959963984540054 * se
+    resolved = lo > 0 or hi < 0
+    expect = f"{100 * delta:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("" if resolved else " n.r.")
+    assert cells["R-LoRA"]["Δ vs HydraLoRA"] == expect and cells["HydraLoRA"]["Δ vs HydraLoRA"] == "–"
+    verdict = "reproduced" if resolved and delta > 0 else ("contradicted" if resolved else "not resolved at this size")
+    assert f"Better multi-task accuracy than HydraLoRA" in report and f"**{verdict}**" in report
+    assert f"R-LoRA − HydraLoRA = {100 * delta:+.1f} points" in report
+    assert (out / "head_cosine.png").stat().st_size > 0 and (out / "early_grad_norms.png").stat().st_size > 0
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "reproduce")}
     assert {"reproduce/report.md", "reproduce/table4.html", "reproduce/head_cosine.png",
             "reproduce/early_grad_norms.png"} <= arts

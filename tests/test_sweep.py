@@ -69,6 +69,10 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
                                tune={"scheduler": "asha", "grace_period": 6, "max_concurrent_trials": 2}))])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "best eval/mean_acc" in proc.stdout and "parent run" in proc.stdout
+    assert "standard error of about" in proc.stdout  # said before the sweep starts
+    best_line = next(line for line in proc.stdout.splitlines() if line.startswith("best eval/mean_acc"))
+    assert " ± " in best_line
+    assert "The best trial is" in proc.stdout and "the second (Δ = " in proc.stdout
     client, parents, children = mlflow_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
@@ -85,6 +89,7 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert parent.data.metrics["sweep/trials"] == 2
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "trials")}
     assert {"trials/trials.md", "trials/trials.csv", "trials/trials.html"} <= arts
+    check_paired_trials(tmp_path, client, parent, children)
     assert "figures/objective_vs_params.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     # the Optuna study persists and can be inspected
     import optuna
@@ -93,6 +98,39 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
     check_eval_stage(tmp_path, client, parent, children, proc.stdout)
+
+
+def check_paired_trials(tmp_path, client, parent, children):
+    """The trials table carries objective ± se and the runner-up's paired difference to the best,
+    recomputed here from the two trials' per-example tables; eval.compare says the same."""
+    import pandas as pd
+
+    from pipeline.stats import paired_compare
+
+    ranked = sorted(children, key=lambda c: -c.data.metrics["eval/mean_acc"])
+    tables = [pd.read_parquet(client.download_artifacts(c.info.run_id, "examples/heldout-000006.parquet",
+                                                        str(tmp_path / c.info.run_id))) for c in ranked]
+    assert all(len(t) == 12 for t in tables)
+    for c, t in zip(ranked, tables):
+        assert c.data.metrics["eval/mean_acc"] == pytest.approx(t.groupby("task")["correct"].mean().mean())
+    c = paired_compare(tables[1], tables[0])
+    md = Path(client.download_artifacts(parent.info.run_id, "trials/trials.md", str(tmp_path))).read_text()
+    assert "Δ vs best (95% CI)" in md.splitlines()[0]
+    assert f"{100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]" in md
+    se = ranked[0].data.metrics["eval/mean_acc_stderr"]
+    assert f"± {se:.4g}" in md
+    assert parent.data.metrics["best/eval/mean_acc_stderr"] == pytest.approx(se)
+    cmp = subprocess.run([sys.executable, "-m", "eval.compare", ranked[0].info.run_id, ranked[1].info.run_id,
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    back = paired_compare(tables[0], tables[1])
+    assert f"held-out (macro over tasks), acc" in cmp.stdout
+    assert f"Δ = {100 * back.delta:+.1f} points" in cmp.stdout
+    bad = subprocess.run([sys.executable, "-m", "eval.compare", ranked[0].info.run_id, "0" * 32,
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
 
 
 def check_eval_stage(tmp_path, client, parent, children, stdout):
@@ -107,10 +145,27 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
     subjects = list(load_all())
     keys = ["bbh/avg", "bbh/navigate", "bbh/word_sorting", "mmlu/avg", "mmlu/stem", "mmlu/humanities",
             f"mmlu/{subjects[0]}", f"mmlu/{subjects[-1]}", "heldout/sst2"]
+    import pandas as pd
+
     for r in [*base, *children]:
         m = client.get_run(r.info.run_id).data.metrics
         assert all(k in m and 0.0 <= m[k] <= 1.0 for k in keys), sorted(m)
-        assert len([k for k in m if k.startswith("bbh/")]) == 28 and len([k for k in m if k.startswith("mmlu/")]) == 62
+        scores = [k for k in m if not k.endswith("_stderr")]
+        assert len([k for k in scores if k.startswith("bbh/")]) == 28
+        assert len([k for k in scores if k.startswith("mmlu/")]) == 62
+        # lm-eval's own standard error beside every score; a family average over its questions
+        # one question per subtask at limit 1: lm-eval gives no standard error (N/A) for a subtask nor
+        # its groups; the family average's comes from the pooled questions (hand-computed here)
+        assert f"mmlu/{subjects[0]}_stderr" not in m and "mmlu/stem_stderr" not in m
+        ex = pd.read_parquet(client.download_artifacts(r.info.run_id, "examples/lmeval-000000.parquet",
+                                                       str(tmp_path / r.info.run_id)))
+        mmlu = ex[ex["task"].str.startswith("mmlu/")]
+        assert len(mmlu) == len(subjects) and len(ex[ex["task"].str.startswith("bbh/")]) == 27
+        assert m["mmlu/avg"] == pytest.approx(mmlu["correct"].mean())  # size-weighted = pooled
+        assert mmlu["gold_logprob"].notna().all()
+        for fam in ("mmlu", "bbh"):
+            x = ex[ex["task"].str.startswith(fam + "/")]["correct"]
+            assert m[f"{fam}/avg_stderr"] == pytest.approx(x.std(ddof=1) / len(x) ** 0.5)
     versions = client.search_model_versions("name='t-adapters'")
     assert {v.run_id for v in versions} == {c.info.run_id for c in children}
     for v in versions:
@@ -120,8 +175,13 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
         assert v.source.endswith("/adapter")
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "eval")}
     assert {"eval/comparison.md", "eval/comparison.html", "eval/comparison.png"} <= arts
+    assert {"eval/comparison_paired.md", "eval/comparison_paired.csv"} <= arts
     table = Path(client.download_artifacts(parent.info.run_id, "eval/comparison.md", str(tmp_path))).read_text()
-    assert table.count("\n") == 2 + 3 and "| base |" in table  # header, rule, base + 2 trials
+    main_table = table.split("\n\n")[0].strip().splitlines()
+    assert len(main_table) == 2 + 3 and "| base |" in table  # header, rule, base + 2 trials
+    assert " ± " in main_table[2]  # scores with their standard errors
+    assert "Δ vs base" in table
+    assert any(w in table for w in ("not distinguishable", "better than", "worse than"))
     before = {r.info.run_id: history_lengths(client, r.info.run_id, keys) for r in [*base, *children]}
     assert all(n == 1 for h in before.values() for n in h.values())
 

@@ -63,6 +63,7 @@ def test_two_worker_ddp_run_is_complete_in_mlflow(tmp_path, tiny_model_dir):
     for key in ("train/lr", "train/grad_norm", "eval/sst2/acc", "eval/boolq/acc", "eval/mean_acc", "head_cos/mean"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_acc")] == [0, 4, 8]
+    check_examples_and_stderr(client, run, tmp_path, steps=(0, 4, 8), n_per_task=8)
     # artifacts live beside the db (not ./mlruns), with the adapter and figures
     assert exp.artifact_location.startswith(str(tmp_path))
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -72,6 +73,75 @@ def test_two_worker_ddp_run_is_complete_in_mlflow(tmp_path, tiny_model_dir):
     figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/head_similarity.png", "figures/curves.png"} <= figs
     assert not (ROOT / "mlruns").exists()
+
+
+def check_examples_and_stderr(client, run, tmp_path, steps, n_per_task):
+    """The per-example table of every eval step is on the run (held-out scored in shards over the
+    DDP ranks, gathered: each example once), and the logged metrics and standard errors equal a
+    hand computation from it."""
+    import math
+
+    import pandas as pd
+
+    arts = sorted(a.path for a in client.list_artifacts(run.info.run_id, "examples"))
+    assert arts == [f"examples/heldout-{s:06d}.parquet" for s in steps]
+    t = pd.read_parquet(client.download_artifacts(run.info.run_id, arts[-1], str(tmp_path)))
+    assert len(t) == 2 * n_per_task and not t.duplicated(["task", "example_id"]).any()
+    assert t.groupby("task").size().to_dict() == {"boolq": n_per_task, "sst2": n_per_task}
+    assert ((t["margin"] > 0) == (t["correct"] == 1)).all()
+    m = run.data.metrics
+    ses = []
+    for task, g in t.groupby("task"):
+        p, n = g["correct"].mean(), len(g)
+        se = math.sqrt(p * (1 - p) / (n - 1))
+        ses.append(se)
+        assert m[f"eval/{task}/acc"] == pytest.approx(p) and m[f"eval/{task}/acc_stderr"] == pytest.approx(se)
+    assert m["eval/mean_acc_stderr"] == pytest.approx(math.sqrt(sum(x * x for x in ses)) / 2)
+    assert m["eval/mean_margin"] == pytest.approx(t.groupby("task")["margin"].mean().mean())
+    assert m["eval/mean_margin_stderr"] > 0
+
+
+def _score_rank(rank, world, model_dir, init_file, out_dir, examples):
+    import pickle
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.train import score_held_out
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        rows = score_held_out(model, tok, examples, 96, rank, world)
+        (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(rows))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_held_out_scoring_sharded_over_ranks_equals_one_process(tmp_path, tiny_model_dir):
+    """Two real gloo ranks each score half of the held-out set; the gathered rows equal one
+    process scoring everything, example by example, on both ranks."""
+    import pickle
+
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.batching import build_mixture
+    from pipeline.train import score_held_out
+
+    examples = build_mixture(["sst2", "siqa"], 0, 7, seed=0).held_out  # 14: uneven shards
+    mp.spawn(_score_rank, args=(2, str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), examples), nprocs=2)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    single = score_held_out(model, tok, examples, 96)
+    for rank in (0, 1):
+        rows = pickle.loads((tmp_path / f"rank{rank}.pkl").read_bytes())
+        assert [r["example_id"] for r in rows] == [r["example_id"] for r in single]
+        for a, b in zip(rows, single):
+            assert a["correct"] == b["correct"]
+            assert a["choice_logprobs"] == pytest.approx(b["choice_logprobs"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -111,3 +181,28 @@ def test_bad_run_yaml_exits_2_with_one_line_before_ray_starts(tmp_path, text, ne
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert lines == [f"error: {lines[0][7:]}"] and needle in lines[0]
     assert "ray" not in proc.stdout.lower() and "Started a local Ray instance" not in proc.stderr
+
+
+class _Payload:
+    """Stands for an arbitrary object in a tampered checkpoint (unpickling it would run code)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_trainer_state_round_trips_and_pickled_objects_are_refused(tmp_path):
+    from pipeline.train import CheckpointError, _lr_lambda, load_trainer_state
+
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(2, 10))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    torch.save({"step": 1, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp_path / "ok.pt")
+    state = load_trainer_state(tmp_path / "ok.pt")
+    assert state["step"] == 1
+    torch.testing.assert_close(state["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    torch.save({"step": 1, "optimizer": opt.state_dict(), "extra": _Payload()}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="refusing"):
+        load_trainer_state(tmp_path / "bad.pt")

@@ -1,0 +1,226 @@
+"""Uncertainty for every score, from per-example outcomes.
+
+Conventions (the same as lm-eval's ``mean_stderr``): the standard error of a mean is the sample
+standard deviation (ddof = 1) over sqrt(n); for 0/1 outcomes that is sqrt(p(1-p)/(n-1)). A
+"macro" score is the unweighted mean of per-task means (the training loop's ``eval/mean_acc``);
+its standard error treats tasks as independent: sqrt(sum_t se_t^2) / T.
+
+Paired comparisons use the examples both runs scored (same task and example id): the per-example
+differences give the analytic paired standard error; a paired bootstrap (examples resampled within
+each task, 10,000 draws) gives the 95 % interval; for 0/1 outcomes McNemar's exact test gives a
+p-value from the discordant pairs. A difference is "resolved" when its 95 % interval excludes 0.
+
+Per-example tables (one row per scored example) have the columns of ``EXAMPLE_COLUMNS`` and are
+stored as parquet artifacts (``examples/*.parquet``) on the MLflow run that produced them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+Z95 = 1.959963984540054
+EXAMPLE_COLUMNS = ("task", "example_id", "correct", "gold_logprob", "margin")
+# what a per-example column is called as a score: correct -> acc; margin / gold_logprob as themselves
+VALUE_NAMES = {"correct": "acc", "margin": "margin", "gold_logprob": "gold_logprob"}
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, standard error of the mean); se is nan for fewer than 2 values."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def macro_mean_se(per_task: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """Mean of per-task means and its standard error (tasks independent)."""
+    if not per_task:
+        return math.nan, math.nan
+    means = [m for m, _ in per_task.values()]
+    ses = [s for _, s in per_task.values()]
+    return float(np.mean(means)), float(math.sqrt(sum(s * s for s in ses)) / len(ses))
+
+
+@dataclass
+class Score:
+    mean: float
+    se: float
+    n: int
+
+    def fmt(self, scale: float = 100.0, digits: int = 1) -> str:
+        if math.isnan(self.mean):
+            return "–"
+        se = "?" if math.isnan(self.se) else f"{scale * self.se:.{digits}f}"
+        return f"{scale * self.mean:.{digits}f} ± {se}"
+
+
+def score_table(rows, value: str = "correct") -> tuple[dict[str, Score], Score]:
+    """Per-task scores and the macro mean of a per-example table (pandas DataFrame)."""
+    per_task = {}
+    for task, g in rows.groupby("task", sort=True):
+        m, s = mean_se(g[value].to_numpy(dtype=np.float64))
+        per_task[str(task)] = Score(m, s, int(g[value].notna().sum()))
+    mm, ms = macro_mean_se({t: (s.mean, s.se) for t, s in per_task.items()})
+    return per_task, Score(mm, ms, sum(s.n for s in per_task.values()))
+
+
+def score_metrics(rows, prefix: str = "eval", values: Iterable[str] = ("correct", "margin", "gold_logprob"),
+                  mean_name: str = "mean") -> dict[str, float]:
+    """MLflow metrics of a per-example table: ``<prefix>/<task>/<name>`` and ``<prefix>/mean_<name>``,
+    each with ``_stderr`` beside it and ``<prefix>/<task>/n`` (examples scored)."""
+    out: dict[str, float] = {}
+    for value in values:
+        if value not in rows or rows[value].isna().all():
+            continue
+        name = VALUE_NAMES[value]
+        per_task, macro = score_table(rows, value)
+        for task, s in per_task.items():
+            out[f"{prefix}/{task}/{name}"] = s.mean
+            out[f"{prefix}/{task}/{name}_stderr"] = s.se
+            out[f"{prefix}/{task}/n"] = s.n
+        out[f"{prefix}/{mean_name}_{name}"] = macro.mean
+        out[f"{prefix}/{mean_name}_{name}_stderr"] = macro.se
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
+# ---------------------------------------------------------------------------------- paired tests
+@dataclass
+class Comparison:
+    """a - b on the examples both scored (macro over tasks)."""
+
+    delta: float
+    se: float
+    lo: float  # 95 % paired-bootstrap interval
+    hi: float
+    n: int  # paired examples
+    n_tasks: int
+    p_mcnemar: Optional[float]  # exact two-sided McNemar test (0/1 outcomes only)
+    value: str = "correct"
+
+    @property
+    def resolved(self) -> bool:
+        return self.n > 0 and (self.lo > 0 or self.hi < 0)
+
+    def fmt(self, scale: float = 100.0) -> str:
+        return f"{scale * self.delta:+.1f} ± {scale * Z95 * self.se:.1f}"
+
+    def sentence(self, a: str, b: str, scale: float = 100.0, unit: str = "points") -> str:
+        span = f"Δ = {scale * self.delta:+.1f} {unit}, 95 % CI [{scale * self.lo:+.1f}, {scale * self.hi:+.1f}], " \
+               f"{self.n} paired examples"
+        if self.p_mcnemar is not None:
+            span += f", McNemar p = {self.p_mcnemar:.2g}"
+        if not self.resolved:
+            return f"{a} is not distinguishable from {b} ({span})"
+        return f"{a} is {'better' if self.delta > 0 else 'worse'} than {b} ({span})"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "resolved": self.resolved}
+
+
+def _paired(a, b, value: str):
+    import pandas as pd
+
+    key = ["task", "example_id"]
+    for name, t in (("a", a), ("b", b)):
+        if t.duplicated(key).any():
+            raise ValueError(f"run {name}: duplicate (task, example_id) rows")
+    m = pd.merge(a[key + [value]], b[key + [value]], on=key, suffixes=("_a", "_b")).dropna()
+    return m
+
+
+def mcnemar_p(n01: int, n10: int) -> float:
+    """Exact two-sided McNemar test: the discordant pairs under H0 are Binomial(n01 + n10, 1/2)."""
+    from scipy.stats import binomtest
+
+    n = n01 + n10
+    return 1.0 if n == 0 else float(binomtest(n01, n, 0.5).pvalue)
+
+
+def paired_compare(a, b, value: str = "correct", n_boot: int = 10_000, seed: int = 0,
+                   by_task: bool = True) -> Comparison:
+    """Paired comparison of two per-example tables on the examples both contain: the macro mean
+    over tasks (``by_task``, the training loop's ``eval/mean_*``) or the pooled mean over all
+    examples (lm-eval's size-weighted group averages)."""
+    m = _paired(a, b, value)
+    if m.empty:
+        return Comparison(math.nan, math.nan, math.nan, math.nan, 0, 0, None, value)
+    rng = np.random.default_rng(seed)
+    diff = m[f"{value}_a"].to_numpy(np.float64) - m[f"{value}_b"].to_numpy(np.float64)
+    if by_task:
+        groups = [diff[idx] for idx in m.groupby("task", sort=True).indices.values()]
+    else:
+        groups = [diff]
+    delta = float(np.mean([d.mean() for d in groups]))
+    var = sum((d.var(ddof=1) / len(d)) if len(d) > 1 else 0.0 for d in groups)
+    se = math.sqrt(var) / len(groups)
+    boot = np.zeros(n_boot)
+    for d in groups:  # resample within each task, then average the task means
+        idx = rng.integers(0, len(d), size=(n_boot, len(d)))
+        boot += d[idx].mean(axis=1)
+    boot /= len(groups)
+    lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
+    p = None
+    if value == "correct":
+        av, bv = m["correct_a"].to_numpy(), m["correct_b"].to_numpy()
+        p = mcnemar_p(int(((av > 0.5) & (bv < 0.5)).sum()), int(((av < 0.5) & (bv > 0.5)).sum()))
+    return Comparison(delta, se, lo, hi, len(m), len(groups), p, value)
+
+
+# ---------------------------------------------------------------------------------- storage
+def save_examples(rows, path: Path):
+    """Write a per-example table (DataFrame or list of dicts) as parquet; returns the path."""
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows), columns=list(EXAMPLE_COLUMNS))
+    missing = [c for c in EXAMPLE_COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"per-example table lacks column(s) {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(path, index=False)
+    return path
+
+
+def load_examples(path):
+    import pandas as pd
+
+    df = pd.read_parquet(path)
+    missing = [c for c in EXAMPLE_COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"{path}: not a per-example table (missing {missing})")
+    return df
+
+
+def objective_column(metric: str) -> Optional[str]:
+    """The per-example column behind a macro objective: eval/mean_acc -> correct, eval/mean_margin
+    -> margin, eval/mean_gold_logprob -> gold_logprob; None for anything else."""
+    for col, name in VALUE_NAMES.items():
+        if metric == f"eval/mean_{name}":
+            return col
+    return None
+
+
+def display_scale(column: Optional[str]) -> tuple[float, str]:
+    """(factor, unit) for showing a score: accuracies in points, log-probabilities in nats."""
+    return (100.0, "points") if column in (None, "correct") else (1.0, "nats")
+
+
+def examples_file(kind: str, step: int) -> str:
+    """``heldout-000080.parquet`` (training loop, by step), ``lmeval-000001.parquet`` (eval round)."""
+    return f"{kind}-{step:06d}.parquet"
+
+
+def expected_se(n_per_task: int, n_tasks: int, p: float = 0.6) -> float:
+    """Standard error of a macro-mean accuracy near ``p`` with ``n_per_task`` examples in each of
+    ``n_tasks`` tasks (what a sweep's settings will give, printed before it starts)."""
+    if n_per_task < 2 or n_tasks < 1:
+        return math.nan
+    return math.sqrt(p * (1 - p) / (n_per_task - 1)) / math.sqrt(n_tasks)
