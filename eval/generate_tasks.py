@@ -192,7 +192,7 @@ HELDOUT_TEMPLATE = {
 
 
 def write_heldout() -> None:
-    from eval.heldout import choice_tasks, heldout_mixtures
+    from pipeline.eval_names import choice_tasks, heldout_mixtures
 
     d = TASKS / "heldout"
     d.mkdir(parents=True, exist_ok=True)

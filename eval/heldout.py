@@ -7,21 +7,7 @@ the prompt and choices the training loop scores) and one group per mixture
 
 from __future__ import annotations
 
-from pipeline.data.tasks import MIXTURES, TASKS, task_splits
-
-
-def choice_tasks() -> list[str]:
-    return [t for t, spec in TASKS.items() if spec.kind == "choice"]
-
-
-def heldout_mixtures() -> dict[str, list[str]]:
-    ok = set(choice_tasks())
-    return {m: list(ts) for m, ts in MIXTURES.items() if set(ts) <= ok}
-
-
-def heldout_names() -> dict[str, str]:
-    """``heldout_<task|mixture>`` (what --tasks accepts) -> our lm-eval task or group."""
-    return {f"heldout_{n}": f"rlora_heldout_{n}" for n in (*choice_tasks(), *heldout_mixtures())}
+from pipeline.data.tasks import task_splits
 
 
 def load_heldout(task: str, **_: object):

@@ -22,17 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 TASK_DIR = Path(__file__).parent / "tasks"
-# family (the metric prefix and the name users pass) -> (our offline group, lm-eval's stock group,
-# stock subtask prefix). Subtask and category metrics are <family>/<name>; the group is <family>/avg.
-FAMILIES = {
-    "mmlu": ("rlora_mmlu", "mmlu", "mmlu_"),
-    "mmlu_continuation": ("rlora_mmlu_continuation", "mmlu_continuation", "mmlu_continuation_"),
-    "bbh": ("rlora_bbh", "bbh", "bbh_cot_fewshot_"),
-    "bbh_fewshot": ("rlora_bbh_fewshot", "bbh_fewshot", "bbh_fewshot_"),
-    "bbh_zeroshot": ("rlora_bbh_zeroshot", "bbh_zeroshot", "bbh_zeroshot_"),
-}
-LOCAL_NAMES = {family: local for family, (local, _, _) in FAMILIES.items()}
-CATEGORY_GROUPS = ("stem", "other", "social_sciences", "humanities")
+from pipeline.eval_names import CATEGORY_GROUPS, FAMILIES, LOCAL_NAMES, local_names  # noqa: F401
+
 # the metric each task family is scored by, in lm-eval's "<metric>,<filter>" result keys
 SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extract", "exact_match,strip",
               "exact_match,none")
@@ -40,13 +31,6 @@ SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extrac
 
 class EvalInputError(ValueError):
     pass
-
-
-def local_names() -> dict[str, str]:
-    """Every name --tasks accepts offline -> our lm-eval task or group."""
-    from eval.heldout import heldout_names
-
-    return {**LOCAL_NAMES, **heldout_names()}
 
 
 def resolve_tasks(names: list[str], source: str) -> list[str]:
@@ -73,7 +57,7 @@ def resolve_tasks(names: list[str], source: str) -> list[str]:
 
 def _prefixes() -> list[tuple[str, str]]:
     """(task-name prefix, family), longest first so rlora_bbh_fewshot_x is not read as rlora_bbh + fewshot_x."""
-    from eval.heldout import heldout_names
+    from pipeline.eval_names import heldout_names
 
     pairs = []
     for family, (local, stock, stock_sub) in FAMILIES.items():

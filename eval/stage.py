@@ -26,7 +26,10 @@ ROUND_TAG = "rlora.eval.round"
 ROLE_TAG = "rlora.eval_role"
 
 
-class EvalStageError(RuntimeError):
+from pipeline.sweep import PostSweepError
+
+
+class EvalStageError(PostSweepError):
     pass
 
 
@@ -141,6 +144,12 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
+
+
+def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path) -> dict[str, Any]:
+    """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished."""
+    return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
+                          cfg.name, list(cfg.search), out_dir)
 
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,

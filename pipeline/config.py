@@ -246,7 +246,7 @@ class EvalSection(_Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str], info) -> list[str]:
-        from eval.run import local_names
+        from pipeline.eval_names import local_names
 
         if info.data.get("task_source", "local") == "local":
             known = local_names()

@@ -333,18 +333,33 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
             "tracking_uri": tracking_uri, "experiment": cfg.base.mlflow.experiment}
 
 
-def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path) -> dict[str, Any]:
-    from eval.stage import run_eval_stage
+POST_SWEEP = "rlora_lab.post_sweep"  # entry-point group of the stage run after a sweep (pyproject.toml)
 
+
+class PostSweepError(RuntimeError):
+    """The stage after a sweep failed; the sweep itself is complete and recorded."""
+
+
+def post_sweep_stage():
+    """The eval stage, found through its entry point (``eval.stage:run_for_sweep``): the sweep runs
+    it without importing ``eval/``, which builds on ``pipeline/`` (imports go one way)."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group=POST_SWEEP, name="eval"))
+    if not found:
+        raise ConfigError(f"eval.enabled: no '{POST_SWEEP}' entry point named 'eval' is installed "
+                          "(pip install -e . in the project), or set eval.enabled: false")
+    return found[0].load()
+
+
+def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path) -> dict[str, Any]:
     t0 = time.time()
-    out = run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
-                         cfg.name, list(cfg.search), sweep_dir / "eval")
+    out = post_sweep_stage()(cfg, parent_run_id, tracking_uri, sweep_dir / "eval")
     out["wall_s"] = time.time() - t0
     return out
 
 
 def main(argv=None) -> int:
-    from eval.stage import EvalStageError
     from pipeline.cli import base_parser, fail, user_errors
 
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
@@ -356,7 +371,7 @@ def main(argv=None) -> int:
         out = run_sweep(cfg, args.config, args.resume)
     except user_errors() as e:
         return fail(e)
-    except EvalStageError as e:  # the sweep itself is complete and recorded
+    except PostSweepError as e:  # the sweep itself is complete and recorded
         print(f"error: {e}", file=sys.stderr)
         return 1
     if out.get("interrupted"):
