@@ -91,6 +91,9 @@ def fused_delta(
     return F.linear(torch.cat([g, c.neg()], -1), torch.cat([B, B0], 1))
 
 
+ADAPTER_CONTAINERS = ("rlora_A", "rlora_B", "rlora_router", "rlora_A0", "rlora_B0")
+
+
 class RLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
     other_param_names = ("rlora_A0", "rlora_B0", "rlora_settings")
@@ -227,6 +230,18 @@ class RLoraLinear(nn.Module, RLoraLayer):
             name = self.merged_adapters.pop()
             if name in self.rlora_A:
                 base.weight.data = (base.weight.data.float() - self.get_delta_weight(name)).to(base.weight.dtype)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()``... reach the base layer as usual; the adapter's tensors
+        follow device moves but keep fp32 (a dtype change asked of the whole model is ignored for
+        them), so ``PeftModel.to(torch.bfloat16)`` gives a bf16 base with fp32 adapters."""
+        def keep_dtype(t):
+            new = fn(t)
+            return t.to(device=new.device) if new.dtype != t.dtype else new
+
+        for name, child in self.named_children():
+            child._apply(keep_dtype if name in ADAPTER_CONTAINERS else fn, recurse)
+        return self
 
     def __repr__(self) -> str:
         return "rlora." + super().__repr__()

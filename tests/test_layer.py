@@ -167,19 +167,46 @@ def test_eval_mode_is_deterministic_and_dropout_free():
 def test_bf16_base_keeps_fp32_adapter_and_returns_base_dtype():
     torch.manual_seed(0)
     base = nn.Linear(32, 48).to(torch.bfloat16)
-    layer = RLoraLinear(base, "default", RLoraConfig(r=4, num_heads=3, router_init="zero"))
+    config = RLoraConfig(r=4, num_heads=3, router_init="kaiming")  # a real (non-uniform) router
+    layer = RLoraLinear(base, "default", config)
     for d in (layer.rlora_A, layer.rlora_B, layer.rlora_router, layer.rlora_A0, layer.rlora_B0):
         assert d["default"].dtype == torch.float32
-    x = torch.randn(5, 32, dtype=torch.bfloat16, requires_grad=True)
+    perturb_(layer)  # a trained adapter: a delta the size of the base output's
+    A0, B0 = layer.rlora_A0["default"].clone(), layer.rlora_B0["default"]
+    x = torch.randn(64, 32, dtype=torch.bfloat16, requires_grad=True)
     layer.eval()
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    # uniform router + mean correction: the start is the base output up to bf16 rounding of the delta
-    torch.testing.assert_close(y, base(x), atol=2e-2, rtol=0)
+    # fp64 reference of the adapter's delta on the bf16 input; base output as the bf16 layer gives it
+    with torch.no_grad():
+        plain = x.double() @ base.weight.double().T + base.bias.double()
+        heads0 = B0.double().repeat(1, config.num_heads)  # the mean correction as N equal heads
+        delta = reference_forward(layer, x, A0, heads0.float(), config) - plain
+        expect = base(x).double() + delta
+    # two bf16 roundings: the delta cast to bf16, then the sum: each at most eps/2 relative
+    eps = torch.finfo(torch.bfloat16).eps
+    bound = eps / 2 * (delta.abs() + expect.abs()) + 1e-6
+    assert ((y.double() - expect).abs() <= bound).all()
+    assert delta.abs().max() > 0.1  # the adapter's contribution is far above bf16 noise
     layer.train()
     layer(x).float().sum().backward()
     assert layer.rlora_A["default"].grad.dtype == torch.float32
     assert torch.isfinite(layer.rlora_B["default"].grad).all()
+    assert layer.rlora_router["default"].grad.abs().sum() > 0
+
+
+def test_to_dtype_keeps_adapters_fp32_and_moves_the_base():
+    torch.manual_seed(0)
+    layer = RLoraLinear(nn.Linear(16, 20), "default", RLoraConfig(r=4, num_heads=2))
+    perturb_(layer)
+    before = {n: t.detach().clone() for n, t in layer.state_dict().items() if "rlora_" in n}
+    layer.to(torch.bfloat16)
+    assert layer.get_base_layer().weight.dtype == torch.bfloat16
+    after = {n: t for n, t in layer.state_dict().items() if "rlora_" in n}
+    assert all(t.dtype == torch.float32 and torch.equal(t, before[n]) for n, t in after.items())
+    assert layer(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    layer.double()
+    assert layer.get_base_layer().weight.dtype == torch.float64 and layer.rlora_B["default"].dtype == torch.float32
 
 
 def test_merge_single_head_and_refuse_multi_head():
@@ -197,6 +224,25 @@ def test_merge_single_head_and_refuse_multi_head():
     multi = RLoraLinear(nn.Linear(16, 20), "default", RLoraConfig(num_heads=3))
     with pytest.raises(ValueError, match="cannot be merged"):
         multi.merge()
+
+
+def test_merge_and_unmerge_with_the_correction_term():
+    """A single random-init head keeps its frozen correction: merging folds s(BA - B0A0) into W."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 20)
+    w0 = lin.weight.detach().clone()
+    layer = RLoraLinear(lin, "default", RLoraConfig(num_heads=1, head_init="random", correction="mean"))
+    assert "default" in layer.rlora_A0
+    perturb_(layer)
+    layer.eval()
+    x = torch.randn(7, 16)
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.get_base_layer()(x), before, atol=1e-5, rtol=1e-5)  # all in W now
+    layer.unmerge()
+    torch.testing.assert_close(layer.get_base_layer().weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
 
 
 def test_non_linear_target_is_rejected(tiny_llama_factory):

@@ -284,3 +284,18 @@ def test_load_adapter_second_named_adapter_reproduces(tiny_llama_factory, token_
         assert torch.equal(model(token_ids).logits, trained_a)
         model.set_adapter("second")
         assert torch.equal(model(token_ids).logits, trained_b)
+
+
+def test_routed_correction_gives_the_router_no_gradient_at_init(tiny_llama_factory, token_ids):
+    """What the README states about correction: routed: every head's term s*w_i*(B_i A x - B_i0 A0 x)
+    is 0 at init whatever w is, so without dropout the router's first gradient is exactly 0 (with
+    correction: mean it is not); it grows once the heads move."""
+    def router_grad(correction):
+        torch.manual_seed(3)
+        m = rlora.get_peft_model(tiny_llama_factory(), RLoraConfig.from_preset(
+            "rlora", r=8, num_heads=4, correction=correction, head_dropout=0.0)).train()
+        m(token_ids, labels=token_ids).loss.backward()
+        return sum(p.grad.abs().sum().item() for n, p in m.named_parameters() if "rlora_router" in n)
+
+    assert router_grad("routed") == 0.0
+    assert router_grad("mean") > 1e-3
