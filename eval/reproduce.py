@@ -78,34 +78,22 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
 
 def _seed_avg(recs: list[dict]):
     """Per-example outcomes averaged over an arm's seeds (examples every seed scored)."""
-    import pandas as pd
+    from pipeline.stats import seed_average
 
-    tabs = [r["examples"] for r in recs if r.get("examples") is not None]
-    if not tabs:
-        return None
-    cat = pd.concat(tabs)
-    g = cat.groupby(["task", "example_id"], sort=True)
-    avg = g[["correct", "gold_logprob", "margin"]].mean()
-    return avg[g.size() == len(tabs)].reset_index()
+    return seed_average([r.get("examples") for r in recs])
 
 
 def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[float], Optional[float]]:
     """(mean over seeds, standard error over seeds and examples) of an arm's accuracy on one task
     or (task None) on the macro average."""
-    from pipeline.stats import score_table
+    from pipeline.stats import seed_mean_se
 
     per_seed = [r["acc"][task] if task else r["mean_acc"] for r in recs]
-    mean, sd = _mean_std(per_seed)
-    if mean is None:
+    per_seed = [x for x in per_seed if x is not None]
+    if not per_seed:
         return None, None
-    avg = _seed_avg(recs)
-    se_ex = None
-    if avg is not None:
-        per_task, macro = score_table(avg)
-        s = macro if task is None else per_task.get(task)
-        se_ex = None if s is None or math.isnan(s.se) else s.se
-    parts = [x for x in ((sd / math.sqrt(len(per_seed))) if sd is not None else None, se_ex) if x is not None]
-    return mean, (math.sqrt(sum(x * x for x in parts)) if parts else None)
+    mean, se = seed_mean_se(per_seed, _seed_avg(recs), task=task)
+    return mean, (None if math.isnan(se) else se)
 
 
 def arm_difference(a: list[dict], b: list[dict]) -> Optional[dict]:

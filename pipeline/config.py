@@ -222,6 +222,8 @@ class TuneSection(_Strict):
     grace_period: int = Field(20, ge=1, description="ASHA: steps before a trial can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
     max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
+    seeds: int = Field(1, ge=1, description="run every sampled configuration with this many train.seed values "
+                                            "and rank by the mean over seeds (needs scheduler: none)")
 
 
 class EvalSection(_Strict):
@@ -297,6 +299,11 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _search_matches_run_config(self):
+        if self.tune.seeds > 1 and self.tune.scheduler == "asha":
+            raise ValueError("tune.seeds: ASHA would stop trials on one seed's intermediate score; "
+                             "use tune.scheduler: none with seeds > 1")
+        if self.tune.seeds > 1 and "train.seed" in self.search:
+            raise ValueError("tune.seeds: train.seed is also a search dimension; use one or the other")
         for key, spec in self.search.items():
             if not _field_exists(key):
                 raise ValueError(f"search.{key}: not a run config field")

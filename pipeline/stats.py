@@ -174,6 +174,62 @@ def paired_compare(a, b, value: str = "correct", n_boot: int = 10_000, seed: int
     return Comparison(delta, se, lo, hi, len(m), len(groups), p, value)
 
 
+# ---------------------------------------------------------------------------------- seeds
+def seed_average(tables: list):
+    """Per-example outcomes averaged over seeds (runs of one configuration), on the examples every
+    seed scored."""
+    import pandas as pd
+
+    tables = [t for t in tables if t is not None]
+    if not tables:
+        return None
+    g = pd.concat(tables).groupby(["task", "example_id"], sort=True)
+    avg = g[["correct", "gold_logprob", "margin"]].mean()
+    return avg[g.size() == len(tables)].reset_index()
+
+
+def seed_mean_se(per_seed: Sequence[float], averaged=None, value: str = "correct",
+                 task: Optional[str] = None) -> tuple[float, float]:
+    """(mean over seeds, standard error over seeds and examples) of a macro score (or one task's):
+    se² = sd²_seeds / K + se²_examples, the latter from the seed-averaged per-example table."""
+    mean, sd = mean_se(per_seed)
+    k = len([x for x in per_seed if x == x])
+    parts = [] if math.isnan(sd) else [sd]  # mean_se gives sd / sqrt(K) already
+    if averaged is not None and len(averaged):
+        per_task, macro = score_table(averaged, value)
+        s = macro if task is None else per_task.get(task)
+        if s is not None and not math.isnan(s.se):
+            parts.append(s.se)
+    if k == 0:
+        return math.nan, math.nan
+    return mean, (math.sqrt(sum(x * x for x in parts)) if parts else math.nan)
+
+
+def seed_metrics(per_seed: list[dict], averaged, prefix: str = "eval") -> dict[str, float]:
+    """Held-out metrics of one configuration run with several seeds: every score of
+    :func:`score_metrics` on the seed-averaged table (= the mean over seeds), its ``_stderr``
+    combining seeds and examples (:func:`seed_mean_se`), and ``<key>_seed_sd``."""
+    out = {}
+    base = score_metrics(averaged, prefix)
+    cols = {name: col for col, name in VALUE_NAMES.items()}
+    for key, value in base.items():
+        if key.endswith("_stderr") or key.endswith("/n"):
+            out[key] = value if key.endswith("/n") else out.get(key, value)
+            continue
+        vals = [m[key] for m in per_seed if key in m]
+        tail = key[len(prefix) + 1:]
+        if tail.startswith("mean_"):
+            task, name = None, tail[len("mean_"):]
+        else:
+            task, name = tail.rsplit("/", 1)
+        mean, se = seed_mean_se(vals, averaged, cols[name], task)
+        out[key] = value
+        out[f"{key}_stderr"] = se
+        if len(vals) > 1:
+            out[f"{key}_seed_sd"] = float(np.std(vals, ddof=1))
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
+
+
 # ---------------------------------------------------------------------------------- storage
 def save_examples(rows, path: Path):
     """Write a per-example table (DataFrame or list of dicts) as parquet; returns the path."""

@@ -79,6 +79,9 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
     worst = -1.0 if ctx["mode"] == "max" else 1e9
+    if ctx.get("seeds", 1) > 1:
+        tune.report(_seeded_trial(cfg, ctx, trial_id, {ctx["metric"]: worst}))
+        return
     out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
                        callbacks=[_intermediate_reports(cfg.train.steps)], train_name=f"trial-{trial_id}",
                        storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
@@ -86,6 +89,53 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     # The final step's metrics, now that everything is saved (also right for a trial re-run by
     # --resume whose Train run had already finished, which reports nothing through the callback).
     tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
+
+
+def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -> dict[str, Any]:
+    """``tune.seeds`` > 1: the configuration trained with seeds train.seed, +1, ... one Ray Train run
+    each, nested under the trial's child run. The child run gets the held-out scores of the
+    seed-averaged per-example table (= means over seeds) with standard errors over seeds and
+    examples, that table, and seed 0's adapter (what the eval stage scores)."""
+    import tempfile
+
+    from pipeline.stats import examples_file, save_examples, seed_average, seed_metrics
+    from pipeline.tracking import EXAMPLES_DIR, Tracker, run_examples
+    from pipeline.train import run_training
+
+    t = Tracker(cfg.mlflow.tracking_uri)
+    existing = t.find_trial_run(ctx["experiment"], trial_id, ctx["parent_run_id"])
+    if existing:  # a trial restarted by --resume
+        t.run_id = existing
+        t.client.update_run(existing, status="RUNNING")
+    else:
+        t.start_run(ctx["experiment"], f"trial-{trial_id}", cfg.model_dump(mode="json"),
+                    tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx["sweep_name"], "rlora.seeds": str(ctx["seeds"]),
+                          "rlora.preset": cfg.adapter.preset}, parent_run_id=ctx["parent_run_id"])
+    outs = []
+    for k in range(ctx["seeds"]):
+        seeded = cfg.model_copy(deep=True)
+        seeded.train.seed = cfg.train.seed + k
+        seeded.mlflow.run_name = f"trial-{trial_id}-seed{seeded.train.seed}"
+        try:
+            outs.append(run_training(seeded, parent_run_id=t.run_id, quiet=True, trial_id=f"{trial_id}/seed{k}",
+                                     train_name=seeded.mlflow.run_name, storage_path=ctx["train_storage"],
+                                     nan_metrics=nan_metrics, extra_tags={"rlora.sweep": ctx["sweep_name"]}))
+        except BaseException as e:
+            t.set_tags({"error": f"seed {seeded.train.seed}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
+            t.finish("FAILED")
+            raise
+    averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
+    metrics = seed_metrics([o["metrics"] for o in outs], averaged) if averaged is not None else {}
+    steps = cfg.train.steps
+    t.log_metrics(metrics, step=steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        if averaged is not None:
+            t.log_artifact(save_examples(averaged, Path(tmp) / examples_file("heldout", steps)), EXAMPLES_DIR)
+    t.log_artifacts(outs[0]["adapter_dir"], "adapter")
+    t.set_tags({"rlora.seed_runs": ",".join(o["run_id"] for o in outs)})
+    t.finish("FINISHED")
+    return {**metrics, "step": steps, "time/loop_s": sum(o["metrics"].get("time/loop_s", 0.0) for o in outs),
+            "time/setup_s": sum(o["metrics"].get("time/setup_s", 0.0) for o in outs)}
 
 
 def expected_trials(cfg: SweepConfig) -> int:
@@ -136,7 +186,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": str(sweep_dir / "train")}
+           "train_storage": str(sweep_dir / "train"), "seeds": cfg.tune.seeds}
     ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
     # starve its own workers on a small cluster): only a token of the memory resource.
@@ -263,7 +313,9 @@ def precision_note(cfg: SweepConfig) -> str:
     se = expected_se(n, n_tasks)
     return (f"objective {cfg.tune.metric}: {n_tasks} task(s) x {n} held-out examples = {n_tasks * n}, the same "
             f"for every trial; a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points "
-            f"(paired comparisons at the end say which differences between trials are resolved)")
+            f"(paired comparisons at the end say which differences between trials are resolved)"
+            + (f"; every configuration runs {cfg.tune.seeds} seeds and is ranked by the mean over seeds, whose "
+               f"standard error also counts the spread between seeds" if cfg.tune.seeds > 1 else ""))
 
 
 def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) -> dict[str, Any]:

@@ -132,6 +132,13 @@ def load_trainer_state(path: Path, device="cpu") -> dict:
                               f"containers ({str(e).splitlines()[0][:200]})") from None
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one training step on one rank (its dropout masks). Drawn afresh every step,
+    so a run resumed from a checkpoint draws exactly the masks the uninterrupted run drew, and
+    ranks draw independent masks."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % 2**63
+
+
 def _maybe_kill(rank: int, step: int, resumed: bool) -> None:
     spec = os.environ.get(KILL_ENV)
     if spec and not resumed:
@@ -203,6 +210,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     t_last = t_loop = time.perf_counter()
     timing = {"time/setup_s": t_loop - t_enter}
     for step in range(start + 1, cfg.train.steps + 1):
+        torch.manual_seed(step_seed(cfg.train.seed, step, rank))
         batch = {k: v.to(device) for k, v in next(batches).items()}
         ddp_model.train()
         loss = ddp_model(**batch).loss

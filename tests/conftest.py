@@ -59,3 +59,14 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_shut_down_after_module():
+    """Tests that start Ray in-process (eval workers) leave no cluster behind for the next module."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -207,6 +207,39 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
 
 
 @pytest.mark.slow
+def test_seeds_rank_each_configuration_by_its_mean_over_seeds(tmp_path, tiny_model_dir):
+    """tune.seeds: 2 -> every trial is 2 Train runs (seeds 0 and 1) nested under the trial's child run,
+    which carries the seed mean and a standard error over seeds and examples (hand-computed here)."""
+    import math
+
+    import pandas as pd
+
+    proc = cli([str(sweep_yaml(tmp_path, tiny_model_dir, train={"steps": 4, "eval_every": 4},
+                               tune={"seeds": 2, "max_concurrent_trials": 2}))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "runs 2 seeds" in proc.stdout
+    client, parents, children = mlflow_runs(tmp_path)
+    trials = [c for c in children if c.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(trials) == 2 and all(c.data.tags["tune.status"] == "DONE" for c in trials)
+    for trial in trials:
+        seeds = [c for c in children if c.data.tags.get("mlflow.parentRunId") == trial.info.run_id]
+        assert sorted(c.data.params["train.seed"] for c in seeds) == ["0", "1"]
+        vals = [c.data.metrics["eval/mean_acc"] for c in seeds]
+        m = trial.data.metrics
+        assert m["eval/mean_acc"] == pytest.approx(sum(vals) / 2)
+        avg = pd.read_parquet(client.download_artifacts(trial.info.run_id, "examples/heldout-000004.parquet",
+                                                        str(tmp_path / trial.info.run_id)))
+        assert len(avg) == 12  # 6 per task, averaged over the 2 seeds
+        per_task = avg.groupby("task")["correct"]
+        se_examples = math.sqrt((per_task.var(ddof=1) / per_task.size()).sum()) / 2
+        se_seeds = abs(vals[0] - vals[1]) / 2  # sd of two values / sqrt(2)
+        assert m["eval/mean_acc_stderr"] == pytest.approx(math.sqrt(se_seeds ** 2 + se_examples ** 2))
+        assert "adapter" in {a.path for a in client.list_artifacts(trial.info.run_id)}
+    best = max(trials, key=lambda c: c.data.metrics["eval/mean_acc"])
+    assert parents[0].data.tags["best_run"] == best.info.run_id
+
+
+@pytest.mark.slow
 def test_nan_trial_fails_while_the_others_complete(tmp_path, tiny_model_dir):
     cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.lr": {"grid": [1e-3, 1e12]}},
                      tune={"search_alg": "grid", "num_samples": 1}, train={"grad_clip": 1e30})
@@ -224,32 +257,42 @@ def test_nan_trial_fails_while_the_others_complete(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir):
+    """The driver is SIGKILLed (its whole process group) after one trial finished and while the next
+    is past its first checkpoint: --resume does not rerun the finished trial, and the interrupted one
+    restarts from its checkpoint in the same child run (the steps before it are not re-run)."""
     cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 4, "max_concurrent_trials": 1},
-                     train={"steps": 8, "eval_every": 4})
+                     train={"steps": 40, "eval_every": 16})
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
+    mid = None
     try:
-        while time.time() < deadline:  # wait for the first trial to finish, then kill the driver hard
-            time.sleep(2)
+        while time.time() < deadline:  # a finished trial, and another one between its 2 checkpoints
+            time.sleep(1)
             assert proc.poll() is None, "sweep ended before it could be killed"
             try:
-                _, _, children = mlflow_runs(tmp_path)
+                client, _, children = mlflow_runs(tmp_path)
+                running = [c for c in children if c.info.status == "RUNNING"]
+                steps = {c.info.run_id: max((m.step for m in client.get_metric_history(c.info.run_id, "train/loss")),
+                                            default=0) for c in running}
             except Exception:  # database still being created
                 continue
-            if any(c.info.status == "FINISHED" for c in children):
+            if any(c.info.status == "FINISHED" for c in children) and any(18 <= v < 32 for v in steps.values()):
+                mid = next(rid for rid, v in steps.items() if 18 <= v < 32)
                 break
         else:
-            pytest.fail("no trial finished in time")
-        os.kill(proc.pid, signal.SIGKILL)
+            pytest.fail("no trial reached the kill window in time")
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
     _, _, before = mlflow_runs(tmp_path)
     finished_before = {c.data.tags["rlora.trial_id"] for c in before if c.info.status == "FINISHED"}
     assert 1 <= len(finished_before) < 4
+    mid_trial = next(c.data.tags["rlora.trial_id"] for c in before if c.info.run_id == mid)
 
     resumed = cli([str(cfg), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -261,7 +304,14 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
     for c in children:  # trials finished before the kill were not rerun
         if c.data.tags["rlora.trial_id"] in finished_before:
             steps = [m.step for m in client.get_metric_history(c.info.run_id, "train/loss")]
-            assert sorted(steps) == list(range(1, 9))
+            assert sorted(steps) == list(range(1, 41))
+    # the trial killed mid-run: same child run, resumed from its step-16 checkpoint, steps 1-16 logged once
+    again = next(c for c in children if c.data.tags["rlora.trial_id"] == mid_trial)
+    assert again.info.run_id == mid
+    resumed_from = [m.value for m in client.get_metric_history(mid, "resumed_from_step")]
+    assert resumed_from == [16.0], resumed_from
+    steps = [m.step for m in client.get_metric_history(mid, "train/loss")]
+    assert all(steps.count(s) == 1 for s in range(1, 17)) and set(steps) == set(range(1, 41))
 
 
 @pytest.mark.parametrize(
@@ -274,6 +324,8 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
         ({"base": {"adapter": {"rank": 4}}}, "base.adapter.rank: unknown key"),
         ({"search": {"adapter.rank": {"choice": [4]}}}, "search.adapter.rank: not a run config field"),
         ({"tune": {"num_samples": 0}}, "tune.num_samples: Input should be greater than or equal to 1"),
+        ({"tune": {"seeds": 2, "scheduler": "asha"}}, "tune.seeds: ASHA would stop trials on one seed's"),
+        ({"eval": {"tasks": ["mmlu"], "limit": {"bbh": 3}}}, "limit.bbh: not one of eval.tasks (mmlu)"),
     ],
 )
 def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, patch, needle):
@@ -310,18 +362,23 @@ def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir)
                      train={"steps": 8, "eval_every": 4})
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while time.time() < deadline:  # interrupt once the first trial has finished
-        time.sleep(2)
-        try:
-            _, _, children = mlflow_runs(tmp_path)
-        except Exception:
-            continue
-        if any(c.info.status == "FINISHED" for c in children):
-            break
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    out, err = proc.communicate(timeout=300)
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # interrupt once the first trial has finished
+            time.sleep(2)
+            try:
+                _, _, children = mlflow_runs(tmp_path)
+            except Exception:
+                continue
+            if any(c.info.status == "FINISHED" for c in children):
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends: SIGINT to the foreground process group
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=30)
     assert proc.returncode == 130, err[-2000:]
     assert "sweep interrupted; resume with:" in err and "--resume" in err
     _, parents, _ = mlflow_runs(tmp_path)

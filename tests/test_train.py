@@ -162,6 +162,38 @@ def test_killed_worker_resumes_from_checkpoint_and_step_continues(tmp_path, tiny
     for s in range(1, 9):  # steps up to the checkpoint ran once; start+1..5 ran again; the rest once
         assert steps.count(s) == (2 if start < s <= 5 else 1), (s, steps)
     assert "eval/mean_acc" in run.data.metrics
+    assert_same_as_uninterrupted(tmp_path, client, run)
+
+
+def assert_same_as_uninterrupted(tmp_path, client, run):
+    """Resume is exact: the killed-and-resumed run ends with the adapter weights, optimizer state and
+    loss curve of an uninterrupted run with the same seed (data order, scheduler and the dropout
+    RNG resume too)."""
+    from safetensors.torch import load_file
+
+    from pipeline.train import load_trainer_state
+
+    ref_dir = tmp_path / "uninterrupted"
+    ref_dir.mkdir()
+    cfg = write_yaml(ref_dir, run.data.params["model"], train={"steps": 8, "checkpoint_every": 2, "eval_every": 8})
+    proc = run_cli([str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref_client, ref, _ = only_run(ref_dir)
+    out = {}
+    for name, r, root in (("resumed", run, tmp_path), ("ref", ref, ref_dir)):
+        d = root / "out" / "runs" / r.info.run_id
+        out[name] = (load_file(d / "adapter" / "adapter_model.safetensors"), load_trainer_state(d / "trainer_state.pt"))
+    (wa, sa), (wb, sb) = out["resumed"], out["ref"]
+    assert wa.keys() == wb.keys() and sa["step"] == sb["step"] == 8
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    for i, st in sb["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(sa["optimizer"]["state"][i][k], st[k], rtol=1e-5, atol=1e-8)
+    assert sa["scheduler"]["last_epoch"] == sb["scheduler"]["last_epoch"]
+    ref_loss = {m.step: m.value for m in ref_client.get_metric_history(ref.info.run_id, "train/loss")}
+    for m in client.get_metric_history(run.info.run_id, "train/loss"):  # re-run steps included
+        assert m.value == pytest.approx(ref_loss[m.step], rel=1e-5), m.step
 
 
 @pytest.mark.parametrize(
