@@ -42,9 +42,11 @@ def trial_tables(client, parent_run_id: str, step=None):
         if not r.data.tags.get("rlora.trial_id"):
             continue
         names = [a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(r.info.run_id, EXAMPLES_DIR)]
-        steps[r.info.run_id] = {int(n.rsplit("-", 1)[1].split(".")[0]) for n in names if n.startswith("heldout-")}
-    if not steps:
-        raise SystemExit(f"run {parent_run_id}: no trial with per-example held-out tables")
+        found = {int(n.rsplit("-", 1)[1].split(".")[0]) for n in names if n.startswith("heldout-")}
+        if found:  # a trial still before its first evaluation has nothing to compare
+            steps[r.info.run_id] = found
+    if len(steps) < 3:
+        raise SystemExit(f"run {parent_run_id}: fewer than 3 trials with per-example held-out tables")
     common = set.intersection(*steps.values())
     if step is None:
         step = max(common) if common else None
