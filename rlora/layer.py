@@ -233,11 +233,14 @@ class RLoraLinear(nn.Module, RLoraLayer):
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.cuda()``, ``.half()``... reach the base layer as usual; the adapter's tensors
-        follow device moves but keep fp32 (a dtype change asked of the whole model is ignored for
-        them), so ``PeftModel.to(torch.bfloat16)`` gives a bf16 base with fp32 adapters."""
+        follow device moves but never drop below fp32 (a cast to bf16/fp16 asked of the whole model
+        is ignored for them; ``.double()`` still applies), so ``PeftModel.to(torch.bfloat16)`` gives
+        a bf16 base with fp32 adapters."""
         def keep_dtype(t):
             new = fn(t)
-            return t.to(device=new.device) if new.dtype != t.dtype else new
+            if new.dtype != t.dtype and new.is_floating_point() and torch.finfo(new.dtype).bits < 32:
+                return t.to(device=new.device)
+            return new
 
         for name, child in self.named_children():
             child._apply(keep_dtype if name in ADAPTER_CONTAINERS else fn, recurse)

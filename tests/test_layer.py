@@ -205,8 +205,10 @@ def test_to_dtype_keeps_adapters_fp32_and_moves_the_base():
     after = {n: t for n, t in layer.state_dict().items() if "rlora_" in n}
     assert all(t.dtype == torch.float32 and torch.equal(t, before[n]) for n, t in after.items())
     assert layer(torch.randn(3, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
-    layer.double()
-    assert layer.get_base_layer().weight.dtype == torch.float64 and layer.rlora_B["default"].dtype == torch.float32
+    layer.half()
+    assert layer.get_base_layer().weight.dtype == torch.float16 and layer.rlora_B["default"].dtype == torch.float32
+    layer.double()  # up-casts apply (exact fp64 references)
+    assert layer.get_base_layer().weight.dtype == torch.float64 and layer.rlora_B["default"].dtype == torch.float64
 
 
 def test_merge_single_head_and_refuse_multi_head():
