@@ -57,7 +57,8 @@ def compare_runs(client, run_a: str, run_b: str) -> list[dict[str, Any]]:
                 sb = score_table(gb, col)[1] if by_task else None
                 out.append({"scope": label, "score": VALUE_NAMES[col], "n": c.n, "delta": c.delta, "se": c.se,
                             "lo": c.lo, "hi": c.hi, "p_mcnemar": c.p_mcnemar, "resolved": c.resolved,
-                            "a": sa.fmt(scale) if sa else None, "b": sb.fmt(scale) if sb else None,
+                            "a": sa.fmt(scale, 1 if unit == "points" else 3) if sa else None,
+                            "b": sb.fmt(scale, 1 if unit == "points" else 3) if sb else None,
                             "line": c.sentence("A", "B", scale, unit)})
     return out
 

@@ -113,7 +113,8 @@ class Comparison:
         return f"{scale * self.delta:+.1f} ± {scale * Z95 * self.se:.1f}"
 
     def sentence(self, a: str, b: str, scale: float = 100.0, unit: str = "points") -> str:
-        span = f"Δ = {scale * self.delta:+.1f} {unit}, 95 % CI [{scale * self.lo:+.1f}, {scale * self.hi:+.1f}], " \
+        d = 1 if unit == "points" else 3  # accuracy points vs nats
+        span = f"Δ = {scale * self.delta:+.{d}f} {unit}, 95 % CI [{scale * self.lo:+.{d}f}, {scale * self.hi:+.{d}f}], " \
                f"{self.n} paired examples"
         if self.p_mcnemar is not None:
             span += f", McNemar p = {self.p_mcnemar:.2g}"
