@@ -214,8 +214,10 @@ def seed_metrics(per_seed: list[dict], averaged, prefix: str = "eval") -> dict[s
     base = score_metrics(averaged, prefix)
     cols = {name: col for col, name in VALUE_NAMES.items()}
     for key, value in base.items():
-        if key.endswith("_stderr") or key.endswith("/n"):
-            out[key] = value if key.endswith("/n") else out.get(key, value)
+        if key.endswith("/n"):
+            out[key] = value
+            continue
+        if key.endswith("_stderr"):  # examples only: replaced below by the seeds-and-examples one
             continue
         vals = [m[key] for m in per_seed if key in m]
         tail = key[len(prefix) + 1:]
