@@ -51,14 +51,18 @@ def write_table(rows: list[dict], cols: list[str], out_dir: Path, stem: str) -> 
 
 
 DELTA_COL = "Δ vs best (95% CI)"
+BASE_COL = "Δ vs base (95% CI)"
 
 
 def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
     """Trials best first; the objective as ``x ± se`` and, where per-example tables exist, the
-    paired difference to the best trial with its 95 % interval and whether it is resolved."""
+    paired difference to the best trial (and to the base model, when it was scored) with its 95 %
+    interval and whether it is resolved."""
     cols = ["trial_id", "status", "steps", metric]
     if any(r.get(DELTA_COL) for r in rows):
         cols += [DELTA_COL, "resolved"]
+    if any(r.get(BASE_COL) for r in rows):
+        cols += [BASE_COL, "vs base resolved"]
     cols += [*params, "mlflow_run"]
     ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
     return write_table(ordered, cols, out_dir, "trials")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from datetime import datetime
@@ -216,8 +217,9 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     )
 
 
-def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, Any]:
-    """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent."""
+def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
+    """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
+    (``base``: the base model's per-example held-out table, for the Δ-vs-base column)."""
     from pipeline.reports import plot_objective_vs_params, trials_table
 
     rows = []
@@ -246,7 +248,7 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, 
           and row["status"] != "ERROR"]
     ok.sort(key=lambda row: row[cfg.tune.metric], reverse=cfg.tune.mode == "max")
     best = ok[0] if ok else None
-    verdict = compare_trials(ok, cfg.tune.metric, tracker.client)
+    verdict, vs_base = compare_trials(ok, cfg.tune.metric, tracker.client, base)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
     md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out)
@@ -267,29 +269,78 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path) -> dict[str, 
         tracker.set_tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run"] or ""})
     if verdict:
         tracker.set_tags({"rlora.best_vs_runner_up": verdict})
+    if vs_base:
+        tracker.set_tags({"rlora.best_vs_base": vs_base})
     (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows,
-                                                  "best_vs_runner_up": verdict}, indent=2, default=str) + "\n")
-    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict}
+                                                  "best_vs_runner_up": verdict, "best_vs_base": vs_base},
+                                                 indent=2, default=str) + "\n")
+    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict, "vs_base": vs_base}
 
 
-def compare_trials(ranked: list[dict], metric: str, client) -> Optional[str]:
-    """Paired comparison of every trial with the best on the held-out examples they all scored
-    (adds ``Δ vs best`` and ``resolved`` to the rows); returns the best-vs-runner-up sentence."""
-    from pipeline.reports import DELTA_COL
+def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
+    """The base model, without adapter, on the held-out examples every trial scores: once per
+    sweep, in the driver after the trials (reused on ``--resume``). Logged on the parent run as
+    ``base/eval/...`` metrics and its per-example table, so the summary can say whether
+    fine-tuning helped at all, with the same paired test as between trials."""
+    from pipeline.stats import objective_column
+    from pipeline.tracking import run_examples
+
+    if objective_column(cfg.tune.metric) is None:
+        return None
+    found = run_examples(tracker.client, tracker.run_id, "heldout").get("heldout")
+    if found is not None:
+        return found
+    import torch
+
+    from pipeline.batching import build_mixture
+    from pipeline.models import load_model
+    from pipeline.train import _log_examples, evaluate
+
+    t0 = time.time()
+    d = cfg.base.data
+    mix = build_mixture(d.tasks, d.train_per_task, d.eval_per_task, d.seed, d.data_dir)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    model, tok = load_model(cfg.base.model, dtype=cfg.base.train.dtype)
+    with torch.no_grad():
+        metrics, table = evaluate(model.eval(), tok, mix.held_out, d.max_length)
+    tracker.log_metrics({f"base/{k}": v for k, v in metrics.items()}, step=0)
+    _log_examples(tracker, table, 0)
+    print(f"base model on the held-out examples: {cfg.tune.metric} = {metrics.get(cfg.tune.metric, float('nan')):.4f}"
+          f" ± {metrics.get(cfg.tune.metric + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
+    return table
+
+
+def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[Optional[str], Optional[str]]:
+    """Paired comparison of every trial with the best (and with the base model's table ``base``,
+    when given) on the held-out examples they all scored: adds ``Δ vs best``/``resolved`` and
+    ``Δ vs base``/``vs base resolved`` to the rows; returns the best-vs-runner-up and the
+    best-vs-base sentences."""
+    from pipeline.reports import BASE_COL, DELTA_COL
     from pipeline.stats import display_scale, objective_column, paired_compare
     from pipeline.tracking import run_examples
 
     col = objective_column(metric)
-    if col is None or len(ranked) < 2:
-        return None
+    if col is None or not ranked:
+        return None, None
     tables = {}
     for row in ranked:
         if row.get("mlflow_run"):
             tables[row["trial_id"]] = run_examples(client, row["mlflow_run"], "heldout").get("heldout")
     best = tables.get(ranked[0]["trial_id"])
     if best is None:
-        return None
+        return None, None
     scale, unit = display_scale(col)
+    vs_base = None
+    if base is not None:
+        for row in ranked:
+            t = tables.get(row["trial_id"])
+            if t is not None:
+                c = paired_compare(t, base, col)
+                row[BASE_COL] = f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]"
+                row["vs base resolved"] = "yes" if c.resolved else "no"
+        vs_base = paired_compare(best, base, col).sentence("the best trial", "the base model", scale, unit)
+    if len(ranked) < 2:
+        return None, vs_base
     for row in ranked[1:]:
         t = tables.get(row["trial_id"])
         if t is None:
@@ -299,8 +350,8 @@ def compare_trials(ranked: list[dict], metric: str, client) -> Optional[str]:
         row["resolved"] = "yes" if c.resolved else "no"
     second = tables.get(ranked[1]["trial_id"])
     if second is None:
-        return None
-    return paired_compare(best, second, col).sentence("the best trial", "the second", scale, unit)
+        return None, vs_base
+    return paired_compare(best, second, col).sentence("the best trial", "the second", scale, unit), vs_base
 
 
 def precision_note(cfg: SweepConfig) -> str:
@@ -368,7 +419,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
               file=sys.stderr)
         return {"interrupted": True, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id}
-    out = summarize(cfg, results, tracker, sweep_dir)
+    out = summarize(cfg, results, tracker, sweep_dir, score_base(cfg, tracker))
     wall = time.time() - t0
     # share of the sweep's slot-time spent in training loops (steps + evals), the rest is Ray and
     # worker start-up, model loading, scheduling and idle slots
@@ -436,8 +487,9 @@ def main(argv=None) -> int:
         se = best.get(f"{cfg.tune.metric}_stderr")
         print(f"best {cfg.tune.metric} = {best[cfg.tune.metric]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
               + f" (trial {best['trial_id']}): {params}")
-        if out.get("verdict"):
-            print(out["verdict"][0].upper() + out["verdict"][1:] + ".")
+        for sentence in (out.get("verdict"), out.get("vs_base")):
+            if sentence:
+                print(sentence[0].upper() + sentence[1:] + ".")
         print(open(Path(out["sweep_dir"]) / "report" / "trials.md").read().rstrip())
     t = out["timing"]
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "

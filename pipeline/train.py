@@ -277,9 +277,35 @@ def ensure_ray(quiet: bool = False) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
-    else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=not quiet,
-                 runtime_env={"env_vars": env})
+        return
+    _start_local_ray(env, quiet)
+
+
+def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3) -> None:
+    """Start a single-node Ray on 127.0.0.1 whose workers know its address (RAY_ADDRESS).
+
+    Ray's state API, which Ray Train's placement-group cleaner calls from inside the cluster,
+    finds "the" local cluster by scanning processes when RAY_ADDRESS is unset: with a second Ray
+    instance on the machine (a notebook, a test suite) it fails, the cleaner dies and a sweep with
+    ASHA waits forever for resources its stopped trials still hold. So the GCS port is chosen here
+    (retried if another process takes it first) and passed to every worker."""
+    import ray
+
+    from pipeline.loopback import free_port
+
+    for attempt in range(attempts):
+        port = free_port()
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node ray.init starts
+        try:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     log_to_driver=not quiet,
+                     runtime_env={"env_vars": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}})
+            return
+        except Exception:
+            if ray.is_initialized() or attempt == attempts - 1:
+                raise
+        finally:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
 def _use_gpu(setting) -> bool:

@@ -199,3 +199,34 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
         left = cluster.stop()
         stop_server(server)
     assert left == [], f"processes left running: {left}"
+
+
+PROBE = """
+import json, ray, ray.util.state
+from pipeline.train import ensure_ray
+ensure_ray(quiet=True)
+
+@ray.remote(num_cpus=0)
+def inside():  # what Ray Train's placement-group cleaner does from inside the cluster
+    return ray.get_runtime_context().get_node_id(), [n.node_id for n in ray.util.state.list_nodes()]
+
+me, seen = ray.get(inside.remote())
+print(json.dumps({"me": me, "seen": seen}))
+ray.shutdown()
+"""
+
+
+def test_local_ray_workers_query_their_own_cluster_beside_another_instance():
+    """With a second Ray instance on the machine, a worker of the local cluster that ensure_ray
+    starts still reaches its own cluster through the state API (without RAY_ADDRESS in the
+    workers' environment the state API cannot tell the two apart and the sweep's placement-group
+    cleaner dies)."""
+    import json
+
+    with LoopbackCluster(nodes=1) as other:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["me"] in got["seen"], (got, other.address)

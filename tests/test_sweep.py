@@ -90,6 +90,7 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "trials")}
     assert {"trials/trials.md", "trials/trials.csv", "trials/trials.html"} <= arts
     check_paired_trials(tmp_path, client, parent, children)
+    check_base_model_row(tmp_path, client, parent, children, tiny_model_dir, proc.stdout)
     assert "figures/objective_vs_params.png" in {a.path for a in client.list_artifacts(parent.info.run_id, "figures")}
     # the Optuna study persists and can be inspected
     import optuna
@@ -131,6 +132,39 @@ def check_paired_trials(tmp_path, client, parent, children):
                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+def check_base_model_row(tmp_path, client, parent, children, model_dir, stdout):
+    """The driver scored the base model (no adapter) on the trials' held-out examples: its table
+    on the parent run equals a scoring of the base model done here, and each trial's paired
+    difference to it is in the trials table and, for the best, in the closing sentence."""
+    import pandas as pd
+
+    from pipeline.batching import build_mixture
+    from pipeline.models import load_model
+    from pipeline.scoring import score_choices
+    from pipeline.stats import paired_compare
+
+    base = pd.read_parquet(client.download_artifacts(parent.info.run_id, "examples/heldout-000000.parquet",
+                                                     str(tmp_path / "base")))
+    model, tok = load_model(str(model_dir))
+    mine = pd.DataFrame(score_choices(model.eval(), tok, build_mixture(["sst2", "boolq"], 48, 6, 0).held_out, 80))
+    merged = base.merge(mine, on=["task", "example_id"], suffixes=("", "_here"))
+    assert len(merged) == len(base) == 12
+    assert (merged["correct"] == merged["correct_here"]).all()
+    assert merged["gold_logprob"].to_numpy() == pytest.approx(merged["gold_logprob_here"].to_numpy(), abs=1e-4)
+    assert parent.data.metrics["base/eval/mean_acc"] == pytest.approx(base.groupby("task")["correct"].mean().mean())
+    md = Path(client.download_artifacts(parent.info.run_id, "trials/trials.md", str(tmp_path / "md"))).read_text()
+    assert "Δ vs base (95% CI)" in md.splitlines()[0]
+    ranked = sorted(children, key=lambda c: -c.data.metrics["eval/mean_acc"])
+    for c in ranked:
+        t = pd.read_parquet(client.download_artifacts(c.info.run_id, "examples/heldout-000006.parquet",
+                                                      str(tmp_path / ("b" + c.info.run_id))))
+        d = paired_compare(t, base)
+        assert f"{100 * d.delta:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]" in md
+        if c is ranked[0]:
+            assert f"the base model (Δ = {100 * d.delta:+.1f} points" in stdout
+            assert parent.data.tags["rlora.best_vs_base"].startswith("the best trial is")
 
 
 def check_eval_stage(tmp_path, client, parent, children, stdout):
@@ -404,3 +438,41 @@ def test_report_tables_round_in_markdown_and_html_but_keep_full_precision_in_csv
     assert md.read_text().splitlines()[2:] == ["| t1 | 128.1 | 0.1235 | ab.cd |", "| base | – | – | x |"]
     assert "128.05327075231216" in csv_path.read_text() and "0.123456789" in csv_path.read_text()
     assert "<td>128.1</td>" in page.read_text()
+
+
+def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(tmp_path):
+    """Known per-example outcomes in a real MLflow store: trial a is 20 of 40 better than the base
+    model, trial b 2 of 40; the table says so (signs, values, resolved) and the closing sentences
+    name the best trial against the runner-up and against the base model."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline.reports import BASE_COL, DELTA_COL
+    from pipeline.stats import examples_file, paired_compare, save_examples
+    from pipeline.sweep import compare_trials
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x")
+
+    def table(n_right):
+        return pd.DataFrame({"task": ["t"] * 40, "example_id": list(range(40)),
+                             "correct": [1.0 if i < n_right else 0.0 for i in range(40)],
+                             "gold_logprob": [-1.0] * 40, "margin": [0.0] * 40})
+
+    base = table(10)
+    rows = []
+    for trial, right in (("a", 30), ("b", 12)):
+        run = client.create_run(exp).info.run_id
+        client.log_artifact(run, str(save_examples(table(right), tmp_path / trial / examples_file("heldout", 8))),
+                            "examples")
+        rows.append({"trial_id": trial, "mlflow_run": run})
+    verdict, vs_base = compare_trials(rows, "eval/mean_acc", client, base)
+    a, b = rows
+    assert a[BASE_COL].startswith("+50.0 [") and a["vs base resolved"] == "yes"
+    assert b[BASE_COL].startswith("+5.0 [") and b["vs base resolved"] == "no"
+    assert b[DELTA_COL].startswith("-45.0 [") and b["resolved"] == "yes" and DELTA_COL not in a
+    assert verdict.startswith("the best trial is better than the second (Δ = +45.0 points")
+    c = paired_compare(table(30), base)
+    assert vs_base == c.sentence("the best trial", "the base model")
+    assert vs_base.startswith("the best trial is better than the base model (Δ = +50.0 points")
+    assert compare_trials(rows, "eval/mean_acc", client)[1] is None  # no base table: no base column
