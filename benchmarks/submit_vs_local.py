@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.loopback import LoopbackCluster, free_port
+from pipeline.loopback import LoopbackCluster
 from pipeline.server import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cpus = os.cpu_count() or 2
     work = Path(tempfile.mkdtemp(prefix="bench-submit-"))
-    server, url = start_server(f"sqlite:///{work / 'server.db'}", str(work / "artifacts"), port=free_port())
+    server, url = start_server(f"sqlite:///{work / 'server.db'}", str(work / "artifacts"), port=0)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONUNBUFFERED"] = "1"
     try:

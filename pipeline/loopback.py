@@ -64,10 +64,21 @@ class LoopbackCluster:
         self.procs.append(p)
         return p
 
-    def start(self) -> "LoopbackCluster":
-        self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dash_port), "--temp-dir", str(self.base / "head")], "head.log")
-        self.wait(lambda: len(self.alive_nodes()) == 1, "head node")
+    def start(self, attempts: int = 3) -> "LoopbackCluster":
+        for attempt in range(attempts):
+            self._start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                         "--dashboard-port", str(self.dash_port), "--temp-dir", str(self.base / "head")], "head.log")
+            try:
+                self.wait(lambda: len(self.alive_nodes()) == 1, "head node")
+                break
+            except RuntimeError:  # `ray start` exited: a port it was given was taken in the meantime
+                if attempt == attempts - 1:
+                    raise
+                self.stop(cleanup=False)
+                self.procs = []
+                self.gcs_port, self.dash_port = free_port(), free_port()
+                self.address = f"127.0.0.1:{self.gcs_port}"
+                self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         for i in range(1, self.nodes):
             self._start(["--address", self.address, "--temp-dir", str(self.base / f"node{i}")], f"node{i}.log")
         self.wait(lambda: len(self.alive_nodes()) == self.nodes, f"{self.nodes} nodes")

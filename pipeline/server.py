@@ -55,19 +55,29 @@ def wait_healthy(url: str, timeout: float = 300.0, proc: Optional[subprocess.Pop
 
 
 def start_server(backend_store_uri: str, artifacts_destination: str, host: str = "127.0.0.1", port: int = 5000,
-                 log_path: Optional[Path] = None) -> tuple[subprocess.Popen, str]:
-    """Start the server in its own process group and wait until it answers; (process, URL)."""
+                 log_path: Optional[Path] = None, attempts: int = 3) -> tuple[subprocess.Popen, str]:
+    """Start the server in its own process group and wait until it answers; (process, URL).
+
+    ``port=0`` picks a free port; if another process takes it before the server binds it (the
+    server then exits at once), a new one is picked, ``attempts`` times in all."""
+    from pipeline.loopback import free_port
+
     backend_store_uri, artifacts_destination = _absolute(backend_store_uri, artifacts_destination)
-    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(server_command(backend_store_uri, artifacts_destination, host, port), env=server_env(),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://{host}:{port}"
-    try:
-        wait_healthy(url, proc=proc)
-    except Exception:
-        stop_server(proc)
-        raise
-    return proc, url
+    for attempt in range(attempts if port == 0 else 1):
+        p = port or free_port()
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        proc = subprocess.Popen(server_command(backend_store_uri, artifacts_destination, host, p), env=server_env(),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://{host}:{p}"
+        try:
+            wait_healthy(url, proc=proc)
+            return proc, url
+        except Exception:
+            exited = proc.poll() is not None  # could not bind (or died), as opposed to a timeout
+            stop_server(proc)
+            if port or not exited or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.loopback import LoopbackCluster, free_port
+from pipeline.loopback import LoopbackCluster
 from pipeline.submit import entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,11 +105,11 @@ def test_lean_mlflow_server_stores_runs_and_proxied_artifacts(tmp_path):
 
     from pipeline.server import start_server, stop_server
 
-    port = free_port()
-    proc, url = start_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=port,
+    proc, url = start_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=0,
                              log_path=tmp_path / "server.log")
     try:
-        assert url == f"http://127.0.0.1:{port}"
+        port = int(url.rsplit(":", 1)[1])
+        assert url.startswith("http://127.0.0.1:") and 1024 <= port < 65536
         cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
         assert b"--workers" in cmdline and cmdline[cmdline.index(b"--workers") + 1] == b"1"
         assert b"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in Path(f"/proc/{proc.pid}/environ").read_bytes()
@@ -140,7 +140,7 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
 
     cluster = LoopbackCluster(nodes=2, cpus_per_node=1)
     base = cluster.base
-    server, url = start_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=free_port(),
+    server, url = start_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=0,
                                log_path=tmp_path / "server.log")
     try:
         cluster.start()

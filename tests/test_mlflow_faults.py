@@ -41,3 +41,76 @@ def test_unreachable_tracking_server_is_one_line_before_compute(entry, tmp_path)
     assert time.time() - t0 < 120
     # nothing was started: no Ray, no sweep/run directories, no model conversion
     assert "Ray" not in proc.stdout + proc.stderr and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_mlflow_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path, tiny_model_dir):
+    """A real MLflow server is SIGKILLed while a trial trains and restarted 20 s later on the same
+    port and store: the logging calls made meanwhile wait in MLflow's HTTP retries (the training
+    loop pauses, nothing is dropped), so the sweep exits 0 and every trial has every step's loss,
+    every evaluation and its adapter."""
+    import signal
+
+    import yaml
+    from mlflow import MlflowClient
+
+    from pipeline.server import start_server, stop_server
+
+    steps = 40
+    store, arts = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts")
+    server, url = start_server(store, arts, port=0, log_path=tmp_path / "server.log")
+    port = int(url.rsplit(":", 1)[1])
+    cfg = {"name": "fault", "base": {
+        "model": str(tiny_model_dir), "adapter": {"preset": "rlora", "r": 4, "num_heads": 2},
+        "data": {"tasks": ["sst2", "boolq"], "train_per_task": 48, "eval_per_task": 6, "max_length": 80},
+        "train": {"steps": steps, "batch_size": 2, "eval_every": 20, "eval_at_start": False, "warmup_steps": 1},
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 0},
+        "mlflow": {"tracking_uri": url, "experiment": "faults"}, "output_dir": str(tmp_path / "out")},
+        "search": {"adapter.num_heads": {"choice": [2, 3]}},
+        "tune": {"num_samples": 1, "scheduler": "none", "search_alg": "grid", "max_concurrent_trials": 1},
+        "eval": {"enabled": False}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    sweep = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(tmp_path / "s.yaml")], cwd=ROOT,
+                             stdout=open(tmp_path / "sweep.log", "w"), stderr=subprocess.STDOUT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}, start_new_session=True)
+    try:
+        client = MlflowClient(tracking_uri=url)
+        deadline, killed_at = time.time() + 600, None
+        while time.time() < deadline and sweep.poll() is None:  # wait for the first trial's step 2
+            exp = client.get_experiment_by_name("faults")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            trials = [r for r in runs if "rlora.trial_id" in r.data.tags]
+            done = [len(client.get_metric_history(r.info.run_id, "train/loss")) for r in trials]
+            if any(n >= 2 for n in done):
+                assert len(trials) == 1 and done[0] < steps, done  # the first trial, mid-loop
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(30)
+                killed_at = time.time()
+                break
+            time.sleep(1)
+        assert killed_at, (tmp_path / "sweep.log").read_text()[-3000:]
+        time.sleep(20)
+        server, url = start_server(store, arts, port=port, log_path=tmp_path / "server.log")
+        restarted_at = time.time()
+        rc = sweep.wait(900)
+        log = (tmp_path / "sweep.log").read_text()
+        assert rc == 0, log[-4000:]
+        client = MlflowClient(tracking_uri=url)
+        exp = client.get_experiment_by_name("faults")
+        runs = client.search_runs([exp.experiment_id])
+        parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        trials = [r for r in runs if "rlora.trial_id" in r.data.tags]
+        assert len(parent) == 1 and parent[0].info.status == "FINISHED" and len(trials) == 2
+        for r in trials:
+            assert r.info.status == "FINISHED" and r.data.tags["tune.status"] == "DONE"
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, steps + 1))
+            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "eval/mean_acc")) == [20, 40]
+            assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
+        losses = [m for r in trials for m in client.get_metric_history(r.info.run_id, "train/loss")]
+        # logged (client-side timestamp) while the server was down, and arrived after the restart
+        assert any(killed_at * 1000 <= m.timestamp <= restarted_at * 1000 for m in losses)
+    finally:
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
+            sweep.wait(60)
+        stop_server(server)

@@ -99,6 +99,7 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
     check_eval_stage(tmp_path, client, parent, children, proc.stdout)
+    check_registered_version_loads_back(tmp_path, client, parent, tiny_model_dir)
 
 
 def check_paired_trials(tmp_path, client, parent, children):
@@ -134,6 +135,34 @@ def check_paired_trials(tmp_path, client, parent, children):
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
 
 
+def check_registered_version_loads_back(tmp_path, client, parent, model_dir):
+    """``eval.run --adapter models:/name/version`` loads the registered adapter: its per-question
+    MMLU log-probs equal those the eval stage logged for that trial, and are not the base model's."""
+    import pandas as pd
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    base_run = next(r for r in runs if r.data.tags.get("rlora.eval_role") == "base")
+    v = client.search_model_versions("name='t-adapters'")[0]
+    probe = client.create_run(parent.info.experiment_id).info.run_id
+    proc = subprocess.run([sys.executable, "-m", "eval.run", "--adapter", f"models:/t-adapters/{v.version}",
+                           "--tasks", "mmlu", "--limit", "1", "--model", str(model_dir), "--tracking-uri", uri,
+                           "--mlflow-run", probe, "--out", str(tmp_path / "probe.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "RAY_ADDRESS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def mmlu(run_id):
+        t = pd.read_parquet(client.download_artifacts(run_id, "examples/lmeval-000000.parquet",
+                                                      str(tmp_path / ("p" + run_id))))
+        return t[t["task"].str.startswith("mmlu/")].set_index(["task", "example_id"])["gold_logprob"].sort_index()
+
+    got, logged, base = mmlu(probe), mmlu(v.run_id), mmlu(base_run.info.run_id)
+    assert len(got) == 57 and list(got.index) == list(logged.index) == list(base.index)
+    assert got.to_numpy() == pytest.approx(logged.to_numpy(), abs=1e-4)
+    assert abs(got.to_numpy() - base.to_numpy()).max() > 1e-3
+
+
 def check_base_model_row(tmp_path, client, parent, children, model_dir, stdout):
     """The driver scored the base model (no adapter) on the trials' held-out examples: its table
     on the parent run equals a scoring of the base model done here, and each trial's paired
@@ -154,14 +183,15 @@ def check_base_model_row(tmp_path, client, parent, children, model_dir, stdout):
     assert (merged["correct"] == merged["correct_here"]).all()
     assert merged["gold_logprob"].to_numpy() == pytest.approx(merged["gold_logprob_here"].to_numpy(), abs=1e-4)
     assert parent.data.metrics["base/eval/mean_acc"] == pytest.approx(base.groupby("task")["correct"].mean().mean())
-    md = Path(client.download_artifacts(parent.info.run_id, "trials/trials.md", str(tmp_path / "md"))).read_text()
-    assert "Δ vs base (95% CI)" in md.splitlines()[0]
+    csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials/trials.csv", str(tmp_path / "csv")))
+    cells = dict(zip(csv["mlflow_run"], csv["Δ vs base (95% CI)"]))
     ranked = sorted(children, key=lambda c: -c.data.metrics["eval/mean_acc"])
     for c in ranked:
         t = pd.read_parquet(client.download_artifacts(c.info.run_id, "examples/heldout-000006.parquet",
                                                       str(tmp_path / ("b" + c.info.run_id))))
+        assert set(zip(t["task"], t["example_id"])) == set(zip(base["task"], base["example_id"]))
         d = paired_compare(t, base)
-        assert f"{100 * d.delta:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]" in md
+        assert cells[c.info.run_id] == f"{100 * d.delta:+.1f} [{100 * d.lo:+.1f}, {100 * d.hi:+.1f}]"
         if c is ranked[0]:
             assert f"the base model (Δ = {100 * d.delta:+.1f} points" in stdout
             assert parent.data.tags["rlora.best_vs_base"].startswith("the best trial is")
@@ -452,7 +482,7 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
     from pipeline.sweep import compare_trials
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp = client.create_experiment("x")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
 
     def table(n_right):
         return pd.DataFrame({"task": ["t"] * 40, "example_id": list(range(40)),
@@ -476,3 +506,69 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
     assert vs_base == c.sentence("the best trial", "the base model")
     assert vs_base.startswith("the best trial is better than the base model (Δ = +50.0 points")
     assert compare_trials(rows, "eval/mean_acc", client)[1] is None  # no base table: no base column
+
+
+@pytest.mark.slow
+def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_path, tiny_model_dir):
+    """Four learning rates, tried in order, one at a time: two that train (4e-3, 3e-3) and two
+    that leave the model where it started (2e-8, 1e-8), ranked on the gold answer's log-prob,
+    which training on the same tasks raises. ASHA (rung at step 4 of 8) must stop both
+    do-nothing trials, which MLflow then shows as STOPPED with 4 steps; the Ray Train placement
+    groups of all four are removed (Ray state API); the sweep's best trial and the eval stage's
+    top-2 selection match the objectives MLflow recorded."""
+    import numpy as np
+    import ray
+    from mlflow import MlflowClient
+    from ray.util.state import list_placement_groups
+
+    from eval.stage import select_trials
+    from pipeline.config import load_sweep_config
+    from pipeline.sweep import run_sweep
+
+    metric = "eval/mean_gold_logprob"
+    path = sweep_yaml(tmp_path, tiny_model_dir, search={"train.lr": {"grid": [4e-3, 3e-3, 2e-8, 1e-8]}},
+                      train={"steps": 8, "eval_every": 4},
+                      tune={"search_alg": "grid", "num_samples": 1, "scheduler": "asha", "grace_period": 4,
+                            "reduction_factor": 2, "max_concurrent_trials": 1, "metric": metric})
+    try:
+        out = run_sweep(load_sweep_config(str(path), []), str(path))
+        address = ray.get_runtime_context().gcs_address
+        deadline, live = time.time() + 120, None
+        while time.time() < deadline:
+            live = [pg for pg in list_placement_groups(address=address, detail=True) if pg.state != "REMOVED"]
+            if not live:
+                break
+            time.sleep(2)
+        assert not live, [(pg.placement_group_id, pg.state, pg.name) for pg in live]
+    finally:
+        ray.shutdown()
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(out["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4 and out["summary"]["errored"] == 0
+    lrs = [4e-3, 3e-3, 2e-8, 1e-8]  # the order the trials ran in
+    by_lr = {float(c.data.params["train.lr"]): c for c in children}
+    at4 = {lr: next(m.value for m in client.get_metric_history(c.info.run_id, metric) if m.step == 4)
+           for lr, c in by_lr.items()}
+    assert min(at4[4e-3], at4[3e-3]) > max(at4[2e-8], at4[1e-8])  # the known quality ordering holds
+    # ASHA's rule at the rung (step 4): a trial goes on unless it is below the median of the
+    # trials that reached the rung before it; so both do-nothing trials must stop
+    steps = {row["mlflow_run"]: row["steps"] for row in out["rows"]}
+    seen = []
+    for lr in lrs:
+        c = by_lr[lr]
+        stopped = bool(seen) and at4[lr] < float(np.percentile(seen, 50))
+        seen.append(at4[lr])
+        assert stopped or lr > 1e-6, lr
+        assert c.data.tags["tune.status"] == ("STOPPED" if stopped else "DONE"), lr
+        assert steps[c.info.run_id] == (4 if stopped else 8), lr
+        assert len(client.get_metric_history(c.info.run_id, "train/loss")) >= (4 if stopped else 8), lr
+        assert c.info.status == "FINISHED"
+    assert out["summary"]["stopped"] == sum(c.data.tags["tune.status"] == "STOPPED" for c in children) >= 2
+    recorded = {c.info.run_id: c.data.metrics[metric] for c in children}
+    assert parent.data.tags["best_run"] == max(recorded, key=recorded.get)
+    done = sorted((c for c in children if c.data.tags["tune.status"] == "DONE"), key=lambda c: -recorded[c.info.run_id])
+    top = select_trials(client, parent, metric, "max", 2)
+    assert [r.info.run_id for r in top] == [c.info.run_id for c in done]
+    assert [r.info.run_id for r in select_trials(client, parent, metric, "min", 1)] == [done[-1].info.run_id]
