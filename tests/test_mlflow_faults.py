@@ -106,9 +106,11 @@ def test_mlflow_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path, ti
             assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == list(range(1, steps + 1))
             assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "eval/mean_acc")) == [20, 40]
             assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(r.info.run_id, "adapter")}
-        losses = [m for r in trials for m in client.get_metric_history(r.info.run_id, "train/loss")]
-        # logged (client-side timestamp) while the server was down, and arrived after the restart
-        assert any(killed_at * 1000 <= m.timestamp <= restarted_at * 1000 for m in losses)
+        # the first trial's loop was cut by the outage: steps logged before the kill and after it
+        # (the call in flight waited in MLflow's retries), and none of them is missing
+        spans = [sorted(m.timestamp / 1000 for m in client.get_metric_history(r.info.run_id, "train/loss"))
+                 for r in trials]
+        assert any(ts[0] < killed_at and ts[-1] > killed_at + 15 for ts in spans), (spans, killed_at)
     finally:
         if sweep.poll() is None:
             os.killpg(sweep.pid, signal.SIGKILL)
