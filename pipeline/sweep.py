@@ -236,7 +236,9 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
             status = "DONE"
         if child:
             tracker.client.set_tag(child, "tune.status", status)
-            if tracker.client.get_run(child).info.status == "RUNNING":  # stopped by ASHA, or died
+            now = tracker.client.get_run(child).info.status
+            # still RUNNING (stopped by ASHA, or died), or FAILED by a worker that ASHA's stop interrupted
+            if now == "RUNNING" or (status == "STOPPED" and now == "FAILED"):
                 tracker.client.set_terminated(child, "FAILED" if status == "ERROR" else "FINISHED")
         obj = metrics.get(cfg.tune.metric)
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
