@@ -156,7 +156,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
         import mlflow
 
         if tracking_uri:  # the registry lives in the tracking store (else MLflow falls back to ./mlflow.db)
-            mlflow.set_tracking_uri(tracking_uri)
             mlflow.set_registry_uri(tracking_uri)
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=adapter, tracking_uri=tracking_uri)

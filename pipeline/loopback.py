@@ -48,9 +48,17 @@ class LoopbackCluster:
             tok.write_text(secrets.token_hex(32))
             self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tok)})
         self.procs: list[subprocess.Popen] = []
-        self.address = f"127.0.0.1:{self.gcs_port}"
-        self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.last_probe_error = ""
+
+    @property
+    def address(self) -> str:
+        """The GCS address (RAY_ADDRESS for drivers)."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard(self) -> str:
+        """The dashboard / Jobs API URL (``--address`` for pipeline.submit)."""
+        return f"http://127.0.0.1:{self.dash_port}"
 
     @property
     def client_env(self) -> dict[str, str]:
@@ -77,8 +85,6 @@ class LoopbackCluster:
                 self.stop(cleanup=False)
                 self.procs = []
                 self.gcs_port, self.dash_port = free_port(), free_port()
-                self.address = f"127.0.0.1:{self.gcs_port}"
-                self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         for i in range(1, self.nodes):
             self._start(["--address", self.address, "--temp-dir", str(self.base / f"node{i}")], f"node{i}.log")
         self.wait(lambda: len(self.alive_nodes()) == self.nodes, f"{self.nodes} nodes")

@@ -312,6 +312,11 @@ def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
     return table
 
 
+def _delta_cells(c, scale: float) -> tuple[str, str]:
+    """A paired comparison as two table cells: ``Δ [lo, hi]`` and whether it is resolved."""
+    return f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]", "yes" if c.resolved else "no"
+
+
 def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[Optional[str], Optional[str]]:
     """Paired comparison of every trial with the best (and with the base model's table ``base``,
     when given) on the held-out examples they all scored: adds ``Δ vs best``/``resolved`` and
@@ -337,9 +342,7 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[
         for row in ranked:
             t = tables.get(row["trial_id"])
             if t is not None:
-                c = paired_compare(t, base, col)
-                row[BASE_COL] = f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]"
-                row["vs base resolved"] = "yes" if c.resolved else "no"
+                row[BASE_COL], row["vs base resolved"] = _delta_cells(paired_compare(t, base, col), scale)
         vs_base = paired_compare(best, base, col).sentence("the best trial", "the base model", scale, unit)
     if len(ranked) < 2:
         return None, vs_base
@@ -347,9 +350,7 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[
         t = tables.get(row["trial_id"])
         if t is None:
             continue
-        c = paired_compare(t, best, col)
-        row[DELTA_COL] = f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]"
-        row["resolved"] = "yes" if c.resolved else "no"
+        row[DELTA_COL], row["resolved"] = _delta_cells(paired_compare(t, best, col), scale)
     second = tables.get(ranked[1]["trial_id"])
     if second is None:
         return None, vs_base

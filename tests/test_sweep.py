@@ -509,6 +509,7 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # leaked placement groups make the sweep wait forever: fail, do not hang
 def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_path, tiny_model_dir):
     """Four learning rates, tried in order, one at a time: two that train (4e-3, 3e-3) and two
     that leave the model where it started (2e-8, 1e-8), ranked on the gold answer's log-prob,
