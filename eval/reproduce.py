@@ -46,6 +46,12 @@ def _mean_std(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
 
 
+def _mean_se(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
+    """Mean over seeds and its standard error sd/√K (None from a single seed)."""
+    m, sd = _mean_std(xs)
+    return m, (None if sd is None else sd / math.sqrt(len(xs)))
+
+
 def _cell(m: Optional[float], s: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
     if m is None:
         return "–"
@@ -239,13 +245,16 @@ def plot_grad_norms(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str, tuple[Optional[float], Optional[float]]]:
-    """label -> (mean grad norm at step 1, mean over steps 1..first), both averaged over seeds."""
+def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str, dict[str, tuple]]:
+    """label -> {"step1": (mean, se), "early": (mean, se)}: the gradient norm at step 1 and its mean
+    over steps 1..first, one value per seed, then mean and standard error over seeds (se None
+    from a single seed)."""
     out = {}
     for preset, label in ARMS.items():
-        step1 = [v for r in arms.get(preset, []) for s, v in r["grad_norm"] if s == 1]
-        vals = [v for r in arms.get(preset, []) for s, v in r["grad_norm"] if s <= first]
-        out[label] = (statistics.fmean(step1) if step1 else None, statistics.fmean(vals) if vals else None)
+        recs = arms.get(preset, [])
+        step1 = [v for r in recs for s, v in r["grad_norm"] if s == 1]
+        early = [statistics.fmean(vs) for r in recs if (vs := [v for s, v in r["grad_norm"] if s <= first])]
+        out[label] = {"step1": _mean_se(step1), "early": _mean_se(early)}
     return out
 
 
@@ -264,8 +273,10 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
     tables = write_table(rows, cols, out_dir, "table4")
     figs = [plot_head_cos(arms, out_dir / "head_cosine.png"), plot_grad_norms(arms, out_dir / "early_grad_norms.png")]
     grads = early_grad_summary(arms)
-    hyd, rl = (_mean_std([r["head_cos"] for r in arms.get(p, [])])[0] for p in ("hydralora", "rlora"))
-    avg = {p: _mean_std([r["mean_acc"] for r in arms.get(p, [])])[0] for p in ARMS}
+    cos_se = {p: _mean_se([r["head_cos"] for r in arms.get(p, []) if r["head_cos"] is not None])
+              for p in ("hydralora", "rlora")}
+    hyd, rl = cos_se["hydralora"][0], cos_se["rlora"][0]
+    avg = {p: arm_score(arms[p]) for p in ARMS if arms.get(p)}
     lines = ["# R-LoRA ablation: reproduction report", "",
              f"MLflow sweep run `{parent_run_id}`. {config_note}" + (f" Wall time {wall_s / 60:.1f} min." if wall_s else ""),
              "", "## Table 4 layout: held-out accuracy (%) per task, mean ± standard error (seeds and examples)", "",
@@ -277,18 +288,18 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
              "## What the paper reports, and what this run measured", "",
              "| quantity | paper | measured here |", "|---|---|---|",
              f"| Avg, HydraLoRA → R-LoRA | 72.69 → 73.59 (Qwen2.5-0.5B) | "
-             f"{_cell(avg.get('hydralora'), None)} → {_cell(avg.get('rlora'), None)} |",
-             f"| head cosine, HydraLoRA | ≈ 0.8 | {'–' if hyd is None else f'{hyd:.3f}'} |",
-             f"| head cosine, R-LoRA | < 0.7 | {'–' if rl is None else f'{rl:.3f}'} |", ""]
+             f"{_cell(*avg.get('hydralora', (None, None)))} → {_cell(*avg.get('rlora', (None, None)))} |",
+             f"| head cosine, HydraLoRA | ≈ 0.8 | {_cell(*cos_se['hydralora'], scale=1, digits=3)} |",
+             f"| head cosine, R-LoRA | < 0.7 | {_cell(*cos_se['rlora'], scale=1, digits=3)} |", ""]
     verdict = []
     if hyd is not None and rl is not None:
         verdict.append(f"Head similarity: R-LoRA {'<' if rl < hyd else '≥'} HydraLoRA ({rl:.3f} vs {hyd:.3f}); "
                        f"R-LoRA {'is' if rl < 0.7 else 'is not'} below the paper's 0.7; HydraLoRA "
                        f"{'is' if abs(hyd - 0.8) <= 0.1 else 'is not'} within 0.1 of the paper's 0.8.")
-    lines += verdict + ["", "## Early gradient norms (adapter parameters, before clipping; mean over seeds)", "",
-                        "| method | step 1 | steps 1–5 |", "|---|---|---|"]
-    fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
-    lines += [f"| {k} | {fmt(a)} | {fmt(b)} |" for k, (a, b) in grads.items()]
+    lines += verdict + ["", "## Early gradient norms (adapter parameters, before clipping; mean ± standard "
+                        "error over seeds)", "", "| method | step 1 | mean of steps 1–5 |", "|---|---|---|"]
+    lines += [f"| {k} | {_cell(*g['step1'], scale=1, digits=2)} | {_cell(*g['early'], scale=1, digits=2)} |"
+              for k, g in grads.items()]
     lines += ["", "![head cosine](head_cosine.png)", "", "![early gradient norms](early_grad_norms.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))

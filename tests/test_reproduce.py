@@ -1,6 +1,7 @@
 """python -m eval.reproduce end to end on a tiny model: the five arms, one report."""
 
 import math
+import statistics
 import os
 import subprocess
 import sys
@@ -85,3 +86,21 @@ def test_reproduce_writes_table4_head_cosine_and_grad_norms(tmp_path, tiny_model
                             "--out", str(tmp_path / "again")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "again" / "table4.md").read_text() == (out / "table4.md").read_text()
+
+
+def test_early_grad_norms_are_per_seed_values_with_their_standard_error():
+    """Step-1 and steps-1..5 gradient norms: one value per seed, then mean and sd/√K over seeds;
+    a single seed has no standard error."""
+    from eval.reproduce import early_grad_summary
+
+    seeds = [[(1, 8.0), (2, 4.0), (3, 3.0), (4, 2.0), (5, 3.0), (6, 99.0)],
+             [(1, 6.0), (2, 2.0), (3, 2.0), (4, 2.0), (5, 3.0)],
+             [(1, 7.0), (2, 3.0), (3, 1.0), (4, 1.0), (5, 3.0), (7, 50.0)]]
+    out = early_grad_summary({"rlora": [{"grad_norm": g} for g in seeds],
+                              "hydralora": [{"grad_norm": seeds[0]}]})
+    (m1, se1), (me, see) = out["R-LoRA"]["step1"], out["R-LoRA"]["early"]
+    assert m1 == pytest.approx(7.0) and se1 == pytest.approx(1.0 / math.sqrt(3))  # sd of 8, 6, 7 is 1
+    per_seed = [4.0, 3.0, 3.0]  # steps 1-5 only: the later steps are not early
+    assert me == pytest.approx(sum(per_seed) / 3)
+    assert see == pytest.approx(statistics.stdev(per_seed) / math.sqrt(3))
+    assert out["HydraLoRA"]["step1"] == (8.0, None) and out["LoRA"]["step1"] == (None, None)
