@@ -66,7 +66,11 @@ class LoopbackCluster:
         return {k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if k in self.env}
 
     def _start(self, args: list[str], log: str) -> subprocess.Popen:
+        # the dashboard agent's HTTP port defaults to 52365 for every Ray on the machine: when another
+        # instance holds it, this node's agent runs without HTTP and the Jobs API answers "No available
+        # agent to submit job". 0 lets each node's agent bind a free port (Ray records it per node).
         p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+                              "--dashboard-agent-listen-port", "0",
                               "--num-cpus", str(self.cpus), *args], env=self.env, start_new_session=True,
                              stdout=open(self.base / log, "wb"), stderr=subprocess.STDOUT)
         self.procs.append(p)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.loopback import LoopbackCluster
+from pipeline.loopback import RAY, LoopbackCluster
 from pipeline.submit import entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +128,32 @@ def test_lean_mlflow_server_stores_runs_and_proxied_artifacts(tmp_path):
     assert proc.poll() is not None
     with pytest.raises(Exception):
         urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+def test_loopback_cluster_takes_jobs_while_another_process_holds_rays_default_agent_port():
+    """Every Ray on a machine wants port 52365 for its dashboard agent; a second instance's agent
+    then runs without HTTP and its Jobs API refuses every job ("No available agent"). Found when
+    the two-node test failed only while another suite's Ray ran beside it."""
+    import socket
+
+    holder = socket.socket()
+    try:
+        holder.bind(("0.0.0.0", 52365))
+        holder.listen()
+    except OSError:
+        pass  # already held, by another Ray instance: the same situation
+    cluster = LoopbackCluster(nodes=1, cpus_per_node=1)
+    try:
+        cluster.start()
+        job = subprocess.run([RAY, "job", "submit", "--address", cluster.dashboard, "--", "python", "-c",
+                              "print(6 * 7)"], env={**os.environ, **cluster.client_env}, capture_output=True,
+                             text=True, timeout=300)
+        assert job.returncode == 0 and "succeeded" in job.stdout and "42" in job.stdout, \
+            (job.stdout + job.stderr)[-2000:]
+    finally:
+        left = cluster.stop()
+        holder.close()
+    assert left == [], f"processes left running: {left}"
 
 
 # -- a real two-node cluster ------------------------------------------------------------------------
