@@ -130,6 +130,7 @@ def test_lean_mlflow_server_stores_runs_and_proxied_artifacts(tmp_path):
         urllib.request.urlopen(f"{url}/health", timeout=2)
 
 
+@pytest.mark.slow
 def test_loopback_cluster_takes_jobs_while_another_process_holds_rays_default_agent_port():
     """Every Ray on a machine wants port 52365 for its dashboard agent; a second instance's agent
     then runs without HTTP and its Jobs API refuses every job ("No available agent"). Found when
@@ -242,6 +243,7 @@ ray.shutdown()
 """
 
 
+@pytest.mark.slow
 def test_local_ray_workers_query_their_own_cluster_beside_another_instance():
     """With a second Ray instance on the machine, a worker of the local cluster that ensure_ray
     starts still reaches its own cluster through the state API (without RAY_ADDRESS in the
