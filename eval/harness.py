@@ -33,13 +33,17 @@ class EvalSettings:
     batch_size: int = 16
     gen_kwargs: Optional[str] = None  # lm-eval's override string, e.g. "max_gen_toks=256"
     seed: int = 0
+    precision: str = "fp32"  # train.precision of the sweep (pipeline.precision)
 
     def signature(self) -> str:
         """Identifies what was measured; the same signature means the same numbers."""
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if fields["precision"] == "fp32":  # runs scored before precision existed keep their signature
+            del fields["precision"]
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -65,12 +69,13 @@ class Evaluator:
         import torch
 
         from pipeline.models import load_model
+        from pipeline.precision import load_dtype
 
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.base, self.tok = load_model(settings.model)
+        self.base, self.tok = load_model(settings.model, dtype=load_dtype(settings.precision))
         self.base.to(self.device).eval()
         self.jobs_done = 0
 
@@ -111,6 +116,8 @@ class Evaluator:
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
+        from pipeline.precision import autocast
+
         for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
             logging.getLogger(name).setLevel(logging.ERROR)
         model = self.base
@@ -122,11 +129,12 @@ class Evaluator:
             model.eval()
             s = settings or self.settings
             lm = HFLM(pretrained=model, tokenizer=self.tok, batch_size=s.batch_size, device=self.device)
-            return lm_eval.simple_evaluate(
-                model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
-                task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples,
-                bootstrap_iters=STDERR_BOOTSTRAP_ITERS,
-                random_seed=s.seed, numpy_random_seed=s.seed, torch_random_seed=s.seed, fewshot_random_seed=s.seed)
+            with autocast(s.precision, self.device):
+                return lm_eval.simple_evaluate(
+                    model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
+                    task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples,
+                    bootstrap_iters=STDERR_BOOTSTRAP_ITERS, random_seed=s.seed, numpy_random_seed=s.seed,
+                    torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
                 self.base = model.unload()  # the adapter layers out, the untouched base modules back
@@ -173,17 +181,20 @@ def merge_results(results: list[dict]) -> list[dict]:
     return list(merged.values())
 
 
-def eval_slots(use_gpu: bool, cpus_per_worker: int) -> int:
+def eval_slots(use_gpu: bool, cpus_per_worker: int, gpus_per_worker: float = 1.0) -> int:
+    """Eval actors the cluster holds at once: CPU slots, and on GPUs also GPU shares (the fewer)."""
     import ray
 
     res = ray.cluster_resources()
+    slots = int(res.get("CPU", 1)) // cpus_per_worker
     if use_gpu:
-        return max(int(res.get("GPU", 0)), 1)
-    return max(int(res.get("CPU", 1)) // cpus_per_worker, 1)
+        slots = min(slots, int(res.get("GPU", 0) / gpus_per_worker + 1e-9))
+    return max(slots, 1)
 
 
 def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Optional[int] = None,
-                  cpus_per_worker: int = 1, use_gpu: Optional[bool] = None, progress: bool = True) -> list[dict]:
+                  cpus_per_worker: int = 1, use_gpu: Optional[bool] = None, progress: bool = True,
+                  gpus_per_worker: float = 1.0) -> list[dict]:
     """Run ``jobs`` on Ray actors (each loads the base model once) and return their results in job order."""
     import ray
     import torch
@@ -195,11 +206,11 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
         return []
     ensure_ray()
     use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    n_workers = min(len(jobs), max_workers or eval_slots(use_gpu, cpus_per_worker))
-    actor_cls = ray.remote(Evaluator).options(num_cpus=cpus_per_worker, num_gpus=1 if use_gpu else 0)
+    n_workers = min(len(jobs), max_workers or eval_slots(use_gpu, cpus_per_worker, gpus_per_worker))
+    actor_cls = ray.remote(Evaluator).options(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker if use_gpu else 0)
 
-    def spawn():
-        return actor_cls.remote(settings, "cuda" if use_gpu else "cpu", None if use_gpu else cpus_per_worker)
+    def spawn():  # on a GPU share the actor uses CUDA if its torch has it (else the CPU, as on logical GPUs)
+        return actor_cls.remote(settings, None if use_gpu else "cpu", cpus_per_worker)
 
     actors = [spawn() for _ in range(n_workers)]
     results: list[Optional[dict]] = [None] * len(jobs)

@@ -208,7 +208,7 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
     out_dir = args.out or Path("outputs") / "eval" / f"sweep-{args.sweep}"
     try:
         out = run_eval_stage(args.sweep, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
-                             cfg.name, list(cfg.search), Path(out_dir))
+                             cfg.name, list(cfg.search), Path(out_dir), precision=cfg.base.train.precision)
     except EvalStageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

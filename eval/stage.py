@@ -44,22 +44,23 @@ def headline(scores: dict[str, float]) -> dict[str, float]:
     return {k: scores[k] for k in sorted(keep)}
 
 
-def settings_from(ev, model: str) -> EvalSettings:
+def settings_from(ev, model: str, precision: str = "fp32") -> EvalSettings:
     """The settings of the whole stage (its signature decides whether a run is already scored)."""
     from eval.run import resolve_tasks
 
     limit = tuple(sorted(ev.limit.items())) if isinstance(ev.limit, dict) else ev.limit
     return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=limit,
-                        num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, gen_kwargs=ev.gen_kwargs)
+                        num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, gen_kwargs=ev.gen_kwargs,
+                        precision=precision)
 
 
-def unit_settings(ev, model: str) -> list[EvalSettings]:
+def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]:
     """One EvalSettings per task family, with that family's limit: the units the workers share."""
     from dataclasses import replace
 
     from eval.run import resolve_tasks
 
-    whole = settings_from(ev, model)
+    whole = settings_from(ev, model, precision)
     return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
             for family, lm_name in zip(ev.tasks, resolve_tasks(list(ev.tasks), ev.task_source))]
 
@@ -148,18 +149,22 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
 
 def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path) -> dict[str, Any]:
     """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished."""
+    from pipeline.train import _use_gpu
+
     return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
-                          cfg.name, list(cfg.search), out_dir)
+                          cfg.name, list(cfg.search), out_dir, precision=cfg.base.train.precision,
+                          use_gpu=_use_gpu(cfg.base.scaling.use_gpu))
 
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
-                   sweep_name: str, params: list[str], out_dir: Path, progress: bool = True) -> dict[str, Any]:
+                   sweep_name: str, params: list[str], out_dir: Path, progress: bool = True,
+                   precision: str = "fp32", use_gpu: Optional[bool] = None) -> dict[str, Any]:
     from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, parent_run_id)
     client = tracker.client
     parent = client.get_run(parent_run_id)
-    settings = settings_from(ev, model)
+    settings = settings_from(ev, model, precision)
     sig = settings.signature()
     trials = select_trials(client, parent, metric, mode, ev.top_k)
     if ev.top_k and not trials:
@@ -168,7 +173,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     if ev.include_base:
         targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
     jobs, scores = [], {}
-    units = unit_settings(ev, model)
+    units = unit_settings(ev, model, precision)
     for unit in units:  # family-major: the first (usually the costliest) family of every model starts first
         for name, run in targets:
             if run.data.tags.get(SIG_TAG) == sig:  # already scored with these settings: reuse, log nothing
@@ -181,7 +186,8 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings), "
           f"tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
     results = merge_results(evaluate_jobs(settings, jobs, max_workers=ev.max_workers,
-                                          cpus_per_worker=ev.cpus_per_worker, progress=progress))
+                                          cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker,
+                                          use_gpu=use_gpu, progress=progress))
     scores.update(_log_results(results, settings, tracking_uri, client))
     registry = ev.registry_name or f"rlora-{sweep_name}"
     versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric)

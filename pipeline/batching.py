@@ -10,8 +10,7 @@ import torch
 
 from pipeline.data import TASKS, Example, resolve_tasks, task_splits
 from pipeline.scoring import encode_pair
-
-IGNORE = -100
+from pipeline.step import IGNORE
 
 
 @dataclass

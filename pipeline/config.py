@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 import rlora
 from pipeline.data import MIXTURES, TASKS
@@ -75,13 +75,44 @@ class TrainSection(_Strict):
     eval_at_start: bool = True  # step-0 held-out eval: the base model's scores in the same run
     checkpoint_every: int = Field(50, ge=1)
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    precision: Literal["fp32", "bf16-mixed", "bf16"] = Field(
+        "fp32", description="fp32; bf16-mixed: fp32 weights, forward under bf16 autocast (CPU or CUDA), router "
+                            "softmax and adapter master weights fp32; bf16: a bf16 base with fp32 adapters")
+    grad_accum: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
+    gradient_checkpointing: bool = Field(False, description="recompute the base model's activations in backward")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_is_precision(cls, data):
+        """``dtype`` (earlier configs and sweeps): float32 is precision fp32, bfloat16 is bf16."""
+        if isinstance(data, dict) and "dtype" in data:
+            data = dict(data)
+            dtype = data.pop("dtype")
+            if "precision" in data:
+                raise ValueError("give train.precision only (train.dtype is its old name)")
+            if dtype not in ("float32", "bfloat16"):
+                raise ValueError(f"dtype: {dtype!r} is not float32 or bfloat16 (better: train.precision)")
+            data["precision"] = "bf16" if dtype == "bfloat16" else "fp32"
+        return data
+
+
+def _check_gpu_share(v: float) -> float:
+    if v > 1 and v != int(v):
+        raise ValueError(f"{v}: a share above one GPU must be a whole number (Ray allocates fractions of one GPU only)")
+    return v
+
+
+GpuShare = Annotated[float, Field(gt=0), AfterValidator(_check_gpu_share)]
 
 
 class ScalingSection(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: Union[bool, Literal["auto"]] = "auto"
     cpus_per_worker: int = Field(1, ge=1)
+    gpus_per_worker: GpuShare = Field(1.0, description="with use_gpu: GPUs per Train worker; 0.25 packs four "
+                                                          "trials' workers on one GPU")
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend; auto: nccl when training on GPUs with a CUDA build of torch")
     max_failures: int = Field(2, ge=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement of the workers; STRICT_SPREAD puts each on its own node")
@@ -241,7 +272,8 @@ class EvalSection(_Strict):
     batch_size: int = Field(16, ge=1)
     gen_kwargs: Optional[str] = Field(None, description="lm-eval generation override, e.g. 'max_gen_toks=256'")
     cpus_per_worker: int = Field(1, ge=1)
-    max_workers: Optional[int] = Field(None, ge=1, description="eval actors; default one per GPU or CPU slot")
+    gpus_per_worker: GpuShare = Field(1.0, description="on GPUs: each eval actor's share (0.5: two per GPU)")
+    max_workers: Optional[int] = Field(None, ge=1, description="eval actors; default one per GPU share or CPU slot")
     registry_name: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*$",
                                          description="MLflow registered model; default rlora-<sweep name>")
 

@@ -34,10 +34,13 @@ def free_port() -> int:
 
 
 class LoopbackCluster:
-    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, base: Optional[Path] = None, token: bool = True):
+    def __init__(self, nodes: int = 2, cpus_per_node: int = 1, base: Optional[Path] = None, token: bool = True,
+                 gpus_per_node: int = 0):
+        """``gpus_per_node``: GPUs each node declares to Ray (logical: Ray schedules them and sets
+        CUDA_VISIBLE_DEVICES whether or not the machine has any)."""
         # short path: Ray's unix socket paths have a length limit
         self.base = Path(base or tempfile.mkdtemp(prefix="rl-ray-", dir="/tmp"))
-        self.nodes, self.cpus = nodes, cpus_per_node
+        self.nodes, self.cpus, self.gpus = nodes, cpus_per_node, gpus_per_node
         self.gcs_port, self.dash_port = free_port(), free_port()
         # as if `ray start` ran in the activated venv: a job's `python` is the cluster's interpreter
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -71,7 +74,8 @@ class LoopbackCluster:
         # agent to submit job". 0 lets each node's agent bind a free port (Ray records it per node).
         p = subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
                               "--dashboard-agent-listen-port", "0",
-                              "--num-cpus", str(self.cpus), *args], env=self.env, start_new_session=True,
+                              "--num-cpus", str(self.cpus), "--num-gpus", str(self.gpus), *args], env=self.env,
+                             start_new_session=True,
                              stdout=open(self.base / log, "wb"), stderr=subprocess.STDOUT)
         self.procs.append(p)
         return p

@@ -154,15 +154,23 @@ def _trial_dirname(trial) -> str:
 
 # -------------------------------------------------------------------------------- driver
 def concurrency(cfg: SweepConfig) -> int:
+    """Trials that fit the cluster at once: for each resource a trial's workers take (CPUs, and GPU
+    shares when training on GPUs), how many trials' worth the cluster has; the smallest count."""
     import ray
+
+    from pipeline.train import _use_gpu, worker_resources
 
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
-    need = cfg.base.scaling.num_workers * cfg.base.scaling.cpus_per_worker
-    have = int(ray.cluster_resources().get("CPU", 1))  # trials hold no CPU
-    if need > have:
-        raise ConfigError(f"base.scaling: a trial needs {need} CPUs but the cluster has {have}")
-    return max(1, have // need)
+    sc = cfg.base.scaling
+    have = ray.cluster_resources()  # trials hold no CPU themselves
+    slots = []
+    for res, per_worker in worker_resources(sc, _use_gpu(sc.use_gpu)).items():
+        need, avail = sc.num_workers * per_worker, have.get(res, 0)
+        if need > avail + 1e-9:
+            raise ConfigError(f"base.scaling: a trial needs {need:g} {res} but the cluster has {avail:g}")
+        slots.append(int(avail / need + 1e-9))
+    return max(1, min(slots))
 
 
 def _sweep_dir(cfg: SweepConfig, resume: Optional[str]) -> Path:
@@ -296,14 +304,15 @@ def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
 
     from pipeline.batching import build_mixture
     from pipeline.models import load_model
+    from pipeline.precision import autocast, load_dtype
     from pipeline.train import _log_examples, evaluate
 
     t0 = time.time()
     d = cfg.base.data
     mix = build_mixture(d.tasks, d.train_per_task, d.eval_per_task, d.seed, d.data_dir)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    model, tok = load_model(cfg.base.model, dtype=cfg.base.train.dtype)
-    with torch.no_grad():
+    model, tok = load_model(cfg.base.model, dtype=load_dtype(cfg.base.train.precision))
+    with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
         metrics, table = evaluate(model.eval(), tok, mix.held_out, d.max_length)
     tracker.log_metrics({f"base/{k}": v for k, v in metrics.items()}, step=0)
     _log_examples(tracker, table, 0)

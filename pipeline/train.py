@@ -158,6 +158,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import rlora
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
+    from pipeline.precision import autocast, load_dtype
+    from pipeline.step import accumulate_gradients, enable_gradient_checkpointing
     from pipeline.tracking import Tracker
 
     t_enter = time.perf_counter()
@@ -165,9 +167,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
-    device = ray.train.torch.get_device()
+    # Ray assigns GPUs (CUDA_VISIBLE_DEVICES) whether or not this torch can use them: without CUDA
+    # the worker computes on the CPU (a cluster that declares logical GPUs, as the tests do)
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    precision, accum = cfg.train.precision, cfg.train.grad_accum
 
-    base, tok = load_model(loop_config["model_path"], dtype=cfg.train.dtype)
+    base, tok = load_model(loop_config["model_path"], dtype=load_dtype(precision))
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
     model = rlora.get_peft_model(base, cfg.adapter.to_rlora()).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -189,7 +196,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         cfg.data.data_dir)
     encoded = [encode_example(tok, ex, cfg.data.max_length) for ex in mix.train]
     stream = LengthAwareBatches(encoded, cfg.train.batch_size, tok.pad_token_id, seed=cfg.train.seed)
-    batches = stream.for_rank(rank, world, skip_steps=start)
+    batches = stream.for_rank(rank, world, skip_steps=start * accum)
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     nodes = [ray.get_runtime_context().get_node_id()]
@@ -199,11 +206,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         nodes = [None] * world
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     if tracker:
-        tracker.set_tags({"ray.worker_node_ids": ",".join(nodes), "ray.num_nodes": str(len(set(nodes)))})
+        tracker.set_tags({"ray.worker_node_ids": ",".join(nodes), "ray.num_nodes": str(len(set(nodes))),
+                          "ray.gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+                          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                          "device": str(device)})
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     if start == 0 and cfg.train.eval_at_start:
-        evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
+        with autocast(precision, device):
+            evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
         if tracker:
             tracker.log_metrics(evals, step=0)
             _log_examples(tracker, table, 0)
@@ -211,15 +222,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     timing = {"time/setup_s": t_loop - t_enter}
     for step in range(start + 1, cfg.train.steps + 1):
         torch.manual_seed(step_seed(cfg.train.seed, step, rank))
-        batch = {k: v.to(device) for k, v in next(batches).items()}
         ddp_model.train()
-        loss = ddp_model(**batch).loss
-        loss.backward()
+        loss, tokens = accumulate_gradients(ddp_model, [next(batches) for _ in range(accum)], device, precision,
+                                            sync_each=world == 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        stats = torch.tensor([loss.item(), float(batch["attention_mask"].sum())], dtype=torch.float64)
+        stats = torch.tensor([loss, tokens], dtype=torch.float64)
         if world > 1:
             dist.all_reduce(stats)
             stats[0] /= world
@@ -245,7 +255,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             continue
         metrics: dict[str, float] = {"step": step, "train/loss": stats[0].item(), **timing}
         if do_eval:  # every rank scores its shard
-            evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
+            with autocast(precision, device):
+                evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
             if rank == 0:
                 metrics.update(evals)
                 metrics["time/loop_s"] = time.perf_counter() - t_loop
@@ -316,6 +327,21 @@ def _use_gpu(setting) -> bool:
     return bool(setting)
 
 
+def worker_resources(scaling, use_gpu: bool) -> dict[str, float]:
+    """One Train worker's Ray resources: its CPUs, and its (possibly fractional) GPU share."""
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if use_gpu else {})}
+
+
+def torch_backend(scaling, use_gpu: bool) -> str:
+    """``scaling.backend``; auto: nccl for GPU workers when this torch is a CUDA build (the driver may
+    run on a node without GPUs), gloo otherwise (also for GPUs declared to Ray on a CPU-only build)."""
+    if scaling.backend != "auto":
+        return scaling.backend
+    import torch
+
+    return "nccl" if use_gpu and torch.backends.cuda.is_built() else "gloo"
+
+
 def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_id: Optional[str] = None,
                  quiet: bool = False, trial_id: Optional[str] = None, callbacks: Optional[list] = None,
                  train_name: Optional[str] = None, storage_path: Optional[str] = None,
@@ -341,8 +367,10 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
 
     tracker = Tracker(tracking_uri)
     run_name = cfg.mlflow.run_name or f"{cfg.adapter.preset}-N{cfg.adapter.num_heads}-r{cfg.adapter.r}"
-    params = {**cfg.model_dump(mode="json"), "resolved": {"model_path": model_path, "use_gpu": use_gpu,
-              "rlora": cfg.adapter.to_rlora().to_dict()}}
+    backend = torch_backend(cfg.scaling, use_gpu)
+    params = {**cfg.model_dump(mode="json"), "resolved": {
+        "model_path": model_path, "use_gpu": use_gpu, "backend": backend, "rlora": cfg.adapter.to_rlora().to_dict(),
+        "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
     tags = {"config_file": config_path or "", "rlora.preset": cfg.adapter.preset, **(extra_tags or {})}
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
@@ -361,9 +389,9 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,
                            "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                               resources_per_worker=worker_resources(cfg.scaling, use_gpu),
                                                placement_strategy=cfg.scaling.placement_strategy),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(
             name=train_name or f"train-{run_id}", storage_path=storage_path or str(out_dir / "ray"),
             callbacks=callbacks,

@@ -8,7 +8,7 @@ B0 (d_out, r) for ``correction='mean'`` (B0 = mean_i B_i at init) or (d_out, N*r
 Forward for one adapter, with u the concatenated gated, dropped r-vectors::
 
     z  = x @ [A; W_r; A0]^T                      one down-projection GEMM
-    w  = s * softmax(z_router)                    router in fp32, scaling folded in
+    w  = s * softmax(z_router)                    router in fp32 (also under autocast), scaling folded in
     u  = [w_1 drop_1(Ax), ..., w_N drop_N(Ax), -correction coefficients * A0x]
     dy = u @ [B | B0]^T                           one up-projection GEMM over N*r (+ r or N*r)
 """
@@ -72,7 +72,7 @@ def fused_delta(
         g = (F.dropout(h, p, True) if p > 0 else h) * s
         w = None
     else:
-        w = torch.softmax(z[..., r : r + n], dim=-1) * s  # (..., N), fp32
+        w = torch.softmax(z[..., r : r + n].float(), dim=-1) * s  # (..., N), fp32 (also under autocast)
         if p > 0 and settings.per_head_dropout:
             hh = h.unsqueeze(-2).expand(*h.shape[:-1], n, r)
             g = F.dropout(hh, p, True) * w.unsqueeze(-1)  # independent mask per head

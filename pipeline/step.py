@@ -1,0 +1,52 @@
+"""One optimizer step's forward and backward, shared by the training loop and the benchmarks (torch
+only): gradient accumulation over micro-batches, under the run's precision, and activation
+checkpointing of the frozen base."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+from pipeline.precision import autocast
+
+IGNORE = -100  # label of tokens the loss does not count (prompt and padding)
+# PEFT asks every model the old name on each wrap (transformers >= 5.2x warns); nothing a user can change
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def enable_gradient_checkpointing(base) -> None:
+    """Recompute the frozen base's activations in backward (non-reentrant; the RNG state is
+    restored for the recomputation, so dropout masks are the ones of the forward), with the hook
+    PEFT models need so gradients reach the adapters through frozen embeddings."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x; older: the deprecated name
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    base.enable_input_require_grads()
+
+
+def answer_tokens(batch) -> int:
+    """Tokens the causal-LM loss counts in a batch (labels are shifted by one inside the model)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def accumulate_gradients(model, micro_batches: list[dict], device, precision: str, sync_each: bool = True
+                         ) -> tuple[float, float]:
+    """Forward + backward over ``micro_batches`` (one optimizer step's worth); returns (loss, input tokens).
+
+    With several micro-batches the loss of each is its summed token losses over the answer tokens of
+    all of them (``num_items_in_batch``), so the accumulated gradient is the gradient of one batch
+    k times larger. Under DDP the inner micro-steps run in ``no_sync`` (one all-reduce per step)."""
+    total, loss_sum, tokens = sum(answer_tokens(b) for b in micro_batches), 0.0, 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kwargs = {"num_items_in_batch": total} if len(micro_batches) > 1 else {}
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync_each or last else model.no_sync():
+            with autocast(precision, device):
+                loss = model(**batch, **kwargs).loss
+            loss.backward()
+        loss_sum += loss.item()
+        tokens += float(batch["attention_mask"].sum())
+    return loss_sum, tokens
