@@ -1,15 +1,18 @@
-"""``python -m pipeline.schedule sweeps/x.yaml --cron "0 2 * * *" [--tracking-uri URI] [--image IMAGE]``
+"""``python -m pipeline.schedule sweeps/x.yaml --cron "0 2 * * *" [--kind raycronjob] [--gpus-per-node N] ...``
 
 Prints ready-to-apply manifests for running a sweep on a schedule:
 
-1. Kubernetes (KubeRay): a ``CronJob`` that, on the schedule, creates a KubeRay ``RayJob``
-   (kept in a ``ConfigMap``; ``generateName`` gives every run its own name) with the
-   RBAC it needs. The RayJob brings up a Ray cluster from ``--image`` (an image with this
-   project installed in ``--workdir``), runs the sweep as its entrypoint and shuts the cluster
-   down afterwards.
+1. Kubernetes (KubeRay), ``--kind raycronjob``: KubeRay's native ``RayCronJob`` (KubeRay >= 1.6),
+   which creates a ``RayJob`` on the schedule. ``--kind cronjob`` (the default, for older
+   operators): a ``CronJob`` that creates the same ``RayJob`` (kept in a ``ConfigMap``;
+   ``generateName`` gives every run its own name) with the RBAC it needs. Either RayJob brings up
+   a Ray cluster from ``--image`` (an image with this project installed in ``--workdir``) with
+   ``--worker-replicas`` worker pods of ``--cpu``/``--memory``/``--gpus-per-node``, runs the sweep as
+   its entrypoint and shuts the cluster down afterwards (see ``pipeline.manifests``).
 2. A plain Ray cluster: the crontab line that submits the same sweep with ``pipeline.submit``.
 
-The RayJob's entrypoint is exactly the command ``pipeline.submit`` submits.
+The RayJob's entrypoint is exactly the command ``pipeline.submit`` submits (with GPU worker pods,
+plus ``--set base.scaling.use_gpu=true``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Optional
 
 import yaml
 
+from pipeline.manifests import (ClusterShape, ManifestError, add_cluster_args, gpu_overrides, raycronjob, rayjob,
+                                shape_from_args)
 from pipeline.submit import ROOT, SubmitError, config_in_project, entrypoint
 
 CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
@@ -49,53 +54,24 @@ def k8s_name(name: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "sweep"
 
 
-def _container(name: str, image: str, workdir: str, env: dict[str, str], cpu: str, memory: str, ports=None) -> dict:
-    c = {"name": name, "image": image, "workingDir": workdir,
-         "env": [{"name": k, "value": v} for k, v in env.items()],
-         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}}}
-    if ports:
-        c["ports"] = ports
-    return c
-
-
-def rayjob(name: str, namespace: str, ep: str, image: str, workdir: str, env: dict[str, str], workers: int,
-           cpu: str, memory: str, ray_version: str) -> dict:
-    head = _container("ray-head", image, workdir, env, cpu, memory,
-                      ports=[{"containerPort": 6379, "name": "gcs"}, {"containerPort": 8265, "name": "dashboard"}])
-    worker = _container("ray-worker", image, workdir, env, cpu, memory)
-    return {
-        "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": {"generateName": f"{name}-", "namespace": namespace, "labels": {"app.kubernetes.io/name": name}},
-        "spec": {
-            "entrypoint": ep,
-            "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 86400,
-            "rayClusterSpec": {
-                "rayVersion": ray_version,
-                "authOptions": {"mode": "token"},  # KubeRay >= 1.5.1 creates the token Secret
-                "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [head]}}},
-                "workerGroupSpecs": [{"groupName": "workers", "replicas": workers, "minReplicas": workers,
-                                      "maxReplicas": workers, "rayStartParams": {},
-                                      "template": {"spec": {"containers": [worker]}}}],
-            },
-        },
-    }
-
-
-def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: list[str], image: str, workdir: str,
-              namespace: str, workers: int, cpu: str, memory: str, data_dir: Optional[str]) -> list[dict]:
+def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: list[str], shape: ClusterShape,
+              namespace: str, data_dir: Optional[str], kind: str = "cronjob", time_zone: Optional[str] = None
+              ) -> list[dict]:
+    """``kind`` raycronjob: one KubeRay RayCronJob. cronjob: a Kubernetes CronJob that runs
+    ``kubectl create`` on a RayJob kept in a ConfigMap, with the ServiceAccount/Role it needs
+    (for KubeRay operators older than 1.6)."""
     from pipeline.config import load_sweep_config
-    import ray
 
     cfg = load_sweep_config(config, overrides)
     name = k8s_name(cfg.name)
-    ep = entrypoint(config_in_project(config), tracking_uri, overrides)
-    env = {"PYTHONUNBUFFERED": "1"}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    if data_dir:
-        env["RLORA_DATA_DIR"] = data_dir
-    job = rayjob(name, namespace, ep, image, workdir, env, workers, cpu, memory, ray.__version__)
+    ep = entrypoint(config_in_project(config), tracking_uri, gpu_overrides(shape, overrides))
+    shape.env = {"PYTHONUNBUFFERED": "1", **({"MLFLOW_TRACKING_URI": tracking_uri} if tracking_uri else {}),
+                 **({"RLORA_DATA_DIR": data_dir} if data_dir else {})}
+    if kind == "raycronjob":
+        return [raycronjob(name, namespace, cron, ep, shape, time_zone)]
+    if time_zone:
+        raise ScheduleError("--time-zone: only with --kind raycronjob (a CronJob takes CRON_TZ in --cron)")
+    job = rayjob(name, namespace, ep, shape, generate_name=True)
     sa = f"{name}-submitter"
     meta = {"namespace": namespace, "labels": {"app.kubernetes.io/name": name}}
     return [
@@ -140,23 +116,22 @@ def main(argv=None) -> int:
     ap.add_argument("--cron", required=True, help='5-field cron expression, e.g. "0 2 * * *"')
     ap.add_argument("--tracking-uri", default=None, help="shared MLflow server, e.g. http://mlflow.mlops:5000")
     ap.add_argument("--address", default="http://127.0.0.1:8265", help="Ray head for the crontab form")
-    ap.add_argument("--image", default="rlora-lab:latest", help="image with this project installed in --workdir")
-    ap.add_argument("--workdir", default="/app")
-    ap.add_argument("--namespace", default="default")
-    ap.add_argument("--workers", type=int, default=1, help="Ray worker pods besides the head")
-    ap.add_argument("--cpu", default="4")
-    ap.add_argument("--memory", default="16Gi")
+    ap.add_argument("--kind", choices=["cronjob", "raycronjob"], default="cronjob",
+                    help="raycronjob: KubeRay's native RayCronJob (KubeRay >= 1.6); cronjob: a CronJob creating "
+                         "RayJobs (older operators)")
+    ap.add_argument("--time-zone", default=None, help="RayCronJob's timeZone, e.g. Europe/Paris (default: UTC)")
     ap.add_argument("--data-dir", default=None, help="RLORA_DATA_DIR inside the pods")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--format", choices=["all", "k8s", "crontab"], default="all")
+    add_cluster_args(ap)
     args = ap.parse_args(argv)
     try:
         cron = check_cron(args.cron)
-        docs = manifests(args.config, cron, args.tracking_uri, args.overrides, args.image, args.workdir,
-                         args.namespace, args.workers, args.cpu, args.memory, args.data_dir)
+        docs = manifests(args.config, cron, args.tracking_uri, args.overrides, shape_from_args(args, {}),
+                         args.namespace, args.data_dir, args.kind, args.time_zone)
         line = crontab_line(args.config, cron, args.address, args.tracking_uri, args.overrides,
                             docs[-1]["metadata"]["name"])
-    except (ScheduleError, SubmitError, *user_errors()) as e:
+    except (ScheduleError, SubmitError, ManifestError, *user_errors()) as e:
         return fail(e)
     if args.format in ("all", "k8s"):
         if args.format == "all":

@@ -76,6 +76,115 @@ def test_schedule_bad_input_is_one_line(args, msg):
     assert proc.returncode == 2 and msg in proc.stderr and "Traceback" not in proc.stderr
 
 
+# -- KubeRay manifests: validated against the official CRDs ----------------------------------------
+
+GPU_SHAPE = ["--gpus-per-node", "2", "--worker-replicas", "3", "--cpu", "12", "--memory", "96Gi",
+             "--node-selector", "cloud.google.com/gke-accelerator=nvidia-h100-80gb",
+             "--toleration", "dedicated=ml:NoSchedule"]
+
+
+def main_of(module):
+    import importlib
+
+    return importlib.import_module(module).main
+
+
+def emitted(capsys, module, *args):
+    """The ray.io/v1 documents a CLI prints (run in process: these tests need no subprocess)."""
+    capsys.readouterr()
+    code = main_of(module)(list(args))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    docs = [d for d in yaml.safe_load_all(out.out) if d]
+    for d in list(docs):  # the RayJob a CronJob creates lives inside its ConfigMap
+        if d["kind"] == "ConfigMap" and "rayjob.yaml" in d.get("data", {}):
+            docs.append(yaml.safe_load(d["data"]["rayjob.yaml"]))
+    return [d for d in docs if d["apiVersion"] == "ray.io/v1"]
+
+
+MANIFESTS = {
+    "raycronjob": ("pipeline.schedule", str(ROOT / "sweeps/smoke.yaml"), "--cron", "0 2 * * *", "--kind", "raycronjob",
+                   "--time-zone", "Europe/Paris", "--format", "k8s"),
+    "cronjob": ("pipeline.schedule", str(ROOT / "sweeps/smoke.yaml"), "--cron", "0 2 * * *", "--format", "k8s"),
+    "rayjob": ("pipeline.submit", str(ROOT / "sweeps/smoke.yaml"), "--manifest", "rayjob"),
+    "raycluster": ("pipeline.submit", str(ROOT / "sweeps/smoke.yaml"), "--manifest", "raycluster"),
+}
+
+
+@pytest.mark.parametrize("gpus", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("form", list(MANIFESTS))
+def test_every_kuberay_manifest_validates_against_the_official_crds(capsys, form, gpus):
+    from kuberay_crds import errors
+
+    docs = emitted(capsys, *MANIFESTS[form], "--tracking-uri", "http://mlflow:5000", *(GPU_SHAPE if gpus else []))
+    kind = {"raycronjob": "RayCronJob", "cronjob": "RayJob", "rayjob": "RayJob", "raycluster": "RayCluster"}[form]
+    assert [d["kind"] for d in docs] == [kind]
+    assert errors(docs[0]) == []
+
+
+def test_the_crd_validator_refuses_what_the_api_server_would(capsys):
+    """The check above can fail: a field KubeRay does not know, a wrong type or a number where Ray's
+    start parameters take strings are all refused."""
+    import copy
+
+    from kuberay_crds import errors
+
+    (good,) = emitted(capsys, *MANIFESTS["rayjob"], *GPU_SHAPE)
+    assert errors(good) == []
+    group = ["spec", "rayClusterSpec", "workerGroupSpecs", 0]
+
+    def broken(path, key, value):
+        doc = copy.deepcopy(good)
+        node = doc
+        for p in path:
+            node = node[p]
+        node[key] = value
+        return errors(doc)
+
+    assert any("'gpus' was unexpected" in e for e in broken(group, "gpus", 2))
+    assert any("'two' is not of type 'integer'" in e for e in broken(group, "replicas", "two"))
+    assert any("2 is not of type 'string'" in e for e in broken(group + ["rayStartParams"], "num-gpus", 2))
+    assert any("'cronSchedule' was unexpected" in e for e in broken(["spec"], "cronSchedule", "0 2 * * *"))
+
+
+def test_gpu_worker_pods_request_gpus_and_the_sweep_trains_on_them(capsys):
+    (job,) = emitted(capsys, *MANIFESTS["raycronjob"], *GPU_SHAPE)
+    spec = job["spec"]
+    assert spec["schedule"] == "0 2 * * *" and spec["timeZone"] == "Europe/Paris"
+    cluster = spec["jobTemplate"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    assert group["rayStartParams"] == {"num-gpus": "2"}
+    pod = group["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"] == {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": "2"}
+    assert worker["resources"]["requests"] == worker["resources"]["limits"]
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"] == {"num-gpus": "0"}
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    # the driver runs on the GPU-less head, so the sweep is told to train on GPUs
+    assert spec["jobTemplate"]["entrypoint"] == entrypoint("sweeps/smoke.yaml", None, ["base.scaling.use_gpu=true"])
+    (cpu_job,) = emitted(capsys, *MANIFESTS["raycronjob"])
+    cpu_group = cpu_job["spec"]["jobTemplate"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert cpu_group["rayStartParams"] == {} and "tolerations" not in cpu_group["template"]["spec"]
+    assert cpu_job["spec"]["jobTemplate"]["entrypoint"] == entrypoint("sweeps/smoke.yaml", None, [])
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--gpus-per-node", "-1"], "--gpus-per-node: -1"),
+    (["--toleration", "nvidia.com/gpu"], "--toleration 'nvidia.com/gpu': expected KEY[=VALUE]:EFFECT"),
+    (["--node-selector", "gpu"], "--node-selector 'gpu': expected LABEL=VALUE"),
+    (["--worker-replicas", "0"], "--worker-replicas: 0"),
+])
+def test_bad_cluster_shape_is_one_line(capsys, args, msg):
+    code = main_of("pipeline.submit")([str(ROOT / "sweeps/smoke.yaml"), "--manifest", "rayjob", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
+
+
 # -- submit: checks before anything is sent ----------------------------------------------------------
 
 @pytest.mark.parametrize("extra, msg", [
