@@ -72,7 +72,8 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
-    cells = [[format(r[k], f) if isinstance(r[k], (int, float)) else str(r[k]) for k, _, f in columns] for r in rows]
+    cells = [[format(r[k], f) if isinstance(r[k], (int, float)) and not isinstance(r[k], bool) else str(r[k])
+              for k, _, f in columns] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h, _) in enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:

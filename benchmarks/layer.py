@@ -105,10 +105,11 @@ def build(kind: str, d: int, n: int, r: int, device, dtype) -> nn.Module:
         return base
     if kind == "fused":
         return RLoraLinear(base, "default", RLoraConfig(r=r, num_heads=n, alpha=2 * r, head_dropout=DROPOUT)).to(device)
+    # the loops run wholly in the base dtype (their best case); fused and PEFT keep fp32 adapters
     if kind == "loop":
-        return LoopLayer(base, r, n, alpha=2 * r).to(device)
+        return LoopLayer(base, r, n, alpha=2 * r).to(device, dtype)
     if kind == "loop_ax":
-        return LoopAxLayer(base, r, n, alpha=2 * r).to(device)
+        return LoopAxLayer(base, r, n, alpha=2 * r).to(device, dtype)
     if kind == "peft_r":
         return peft_lora(base, r, 2.0).to(device)
     if kind == "peft_Nr":

@@ -1,11 +1,19 @@
-"""Tokens/s and peak RSS of one training step on the embedded default (SmolLM2-135M-Instruct).
+"""Tokens/s and peak memory of one training step (forward + backward + AdamW) of a causal LM.
 
-Variants (each in its own fresh process, so peak RSS is its own):
+Variants:
   base       - the frozen model's forward + backward alone (input-grad path, no adapter)
   peft_lora  - PEFT LoRA r=8 on all 7 projections (dropout 0.05)
+  peft_lora_Nr - PEFT LoRA of rank N*r = 24 (the rank-matched single LoRA of rlora_N3)
   rlora_N3   - R-LoRA, 3 heads, r=8, paper defaults, all 7 projections
   rlora_N5   - R-LoRA, 5 heads, r=8
-Run: python -m benchmarks.train_step [--batch 8 --seq 128 --steps 5]
+The step is the training loop's own (``pipeline.step.accumulate_gradients``) under a
+``train.precision`` (fp32 | bf16-mixed | bf16), optionally with activation checkpointing.
+
+On the CPU every variant runs in its own fresh process, so peak RSS is its own; on CUDA they run in
+one process and peak memory is the allocator's high-water mark per variant. ``--model`` is the
+embedded model by default, or ``arch:<name>`` for an architecture from ``MODEL_ARCHS`` with random
+weights (throughput and memory do not depend on the weights; nothing to download).
+Run: python -m benchmarks.train_step [--batch 8 --seq 128 --steps 5] [--device cuda --precision bf16-mixed]
 """
 
 from __future__ import annotations
@@ -22,52 +30,116 @@ from benchmarks.common import device_label, print_table, write_json
 
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Architectures by their published configs (weights drawn at random)
+MODEL_ARCHS = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+                                   max_position_embeddings=8192, rms_norm_eps=1e-5)),
+    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                                   max_position_embeddings=32768, rms_norm_eps=1e-6)),
+    "qwen2.5-3b": ("qwen2", dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                                 max_position_embeddings=32768, rms_norm_eps=1e-6)),
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True,
+                           max_position_embeddings=512)),
+}
 
 
-def one(variant: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+def load_base(model: str, precision: str, device):
+    """The base model, in the dtype the precision loads it in, on ``device``."""
     import torch
 
+    from pipeline.precision import load_dtype
+
+    dtype = getattr(torch, load_dtype(precision))
+    if model.startswith("arch:"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        kind, kw = MODEL_ARCHS[model.split(":", 1)[1]]
+        torch.manual_seed(0)
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw), dtype=dtype)
     from pipeline.models import load_model
 
-    torch.set_num_threads(threads)
-    model, _ = load_model("smollm2-135m-instruct")
+    return load_model(model, dtype=load_dtype(precision))[0].to(device)
+
+
+def build_variant(variant: str, base, checkpointing: bool = False):
+    """The model a variant trains, and its trainable parameters."""
+    import torch
+
+    from pipeline.step import enable_gradient_checkpointing
+
+    if checkpointing:
+        enable_gradient_checkpointing(base)
     torch.manual_seed(0)
-    if variant == "peft_lora":
+    if variant.startswith("peft_lora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS))
+        r = 24 if variant == "peft_lora_Nr" else 8
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS))
     elif variant.startswith("rlora"):
         import rlora
 
         n = int(variant.split("_N")[1])
-        model = rlora.get_peft_model(model, rlora.RLoraConfig.from_preset("rlora", r=8, num_heads=n, alpha=16))
+        model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset("rlora", r=8, num_heads=n, alpha=16))
     else:
+        model = base
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)  # so backward runs through every layer
-    params = [p for p in model.parameters() if p.requires_grad]
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def measure(model, params, variant: str, batch: int, seq: int, steps: int, device, precision: str) -> dict:
+    """Median step time over ``steps`` timed steps after one warm-up, and peak memory."""
+    import torch
+
+    from pipeline.step import accumulate_gradients
+
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=g)
+    data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
+    cuda = torch.device(device).type == "cuda"
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        accumulate_gradients(model, data, device, precision)
         if variant != "base":
             opt.step()
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     times.sort()
     med = times[len(times) // 2]
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"variant": variant, "step_s": med, "tokens_per_s": batch * seq / med, "peak_rss_mb": rss_mb,
-            "trainable_params": sum(p.numel() for p in params)}
+    row = {"variant": variant, "precision": precision, "step_s": med, "tokens_per_s": batch * seq / med,
+           "trainable_params": sum(p.numel() for p in params)}
+    if cuda:
+        row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def one(variant: str, batch: int, seq: int, steps: int, threads: int, device: str = "cpu", precision: str = "fp32",
+        model: str = "smollm2-135m-instruct", checkpointing: bool = False) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    built, params = build_variant(variant, load_base(model, precision, device), checkpointing)
+    return {**measure(built, params, variant, batch, seq, steps, device, precision), "checkpointing": checkpointing}
 
 
 def main(argv=None):
@@ -76,34 +148,48 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="a model spec, or arch:<name> (random weights)")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the base")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child mode
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "train_step-cpu.json")
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    run = dict(batch=args.batch, seq=args.seq, steps=args.steps, threads=args.threads, device=args.device,
+               precision=args.precision, model=args.model, checkpointing=args.checkpointing)
     if args.variant:
-        print(json.dumps(one(args.variant, args.batch, args.seq, args.steps, args.threads)))
+        print(json.dumps(one(args.variant, **run)))
         return
-    from pipeline.models import resolve_model
+    if not args.model.startswith("arch:"):
+        from pipeline.models import resolve_model
 
-    resolve_model("smollm2-135m-instruct")  # convert once, outside the timed children
+        resolve_model(args.model)  # convert once, outside the timed children
     rows = []
     for v in VARIANTS:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--variant", v, "--batch", str(args.batch),
-                               "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"{v:10s} {rows[-1]['tokens_per_s']:8.1f} tok/s  peak RSS {rows[-1]['peak_rss_mb']:7.0f} MB", flush=True)
+        if args.device == "cpu":  # a fresh process per variant: peak RSS is its own
+            cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", v,
+                   *[x for k, val in run.items() if k != "checkpointing" for x in (f"--{k}", str(val))],
+                   *(["--checkpointing"] if args.checkpointing else [])]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            rows.append(one(v, **run))
+        mem = rows[-1].get("peak_rss_mb", rows[-1].get("peak_mem_mb"))
+        print(f"{v:10s} {rows[-1]['tokens_per_s']:8.1f} tok/s  peak memory {mem:7.0f} MB", flush=True)
     by = {r["variant"]: r for r in rows}
     for r in rows:
         r["step_vs_peft_lora"] = r["step_s"] / by["peft_lora"]["step_s"]
+    mem_key = "peak_rss_mb" if args.device == "cpu" else "peak_mem_mb"
     print()
-    print_table(rows, [("variant", "variant", "s"), ("tokens_per_s", "tok/s", ".1f"), ("step_s", "step s", ".2f"),
-                       ("step_vs_peft_lora", "x PEFT LoRA", ".3f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+    print_table(rows, [("variant", "variant", "s"), ("tokens_per_s", "tok/s", ".1f"), ("step_s", "step s", ".3f"),
+                       ("step_vs_peft_lora", "x PEFT LoRA", ".3f"), (mem_key, "peak MB", ".0f"),
                        ("trainable_params", "trainable", ",d")])
     import torch
 
-    write_json(args.out, {"device": device_label(torch.device("cpu")), "batch": args.batch, "seq": args.seq,
-                          "steps": args.steps, "threads": args.threads, "rows": rows})
-    print(f"wrote {args.out}")
+    dev = torch.device(args.device)
+    out = args.out or Path(__file__).parent / "results" / f"train_step-{dev.type}.json"
+    write_json(out, {"device": device_label(dev), **{k: v for k, v in run.items()}, "rows": rows})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
