@@ -10,6 +10,7 @@ fails is reported with its error and the others still run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -56,6 +57,23 @@ class EvalJob:
     settings: Optional[EvalSettings] = None  # this job's tasks/limit (same model); None: the evaluator's
 
 
+@functools.cache
+def task_manager():
+    """lm-eval's task index with the project's tasks: built once per process (indexing lm-eval's
+    ~15,000 task configs takes seconds; every evaluation used to pay it again)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(TASK_DIR))
+
+
+def _ray_gpu_ids() -> list:
+    """The GPUs Ray gave this process (its share), when it is a Ray worker."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    return [str(g) for g in ray.get_gpu_ids()] if ray is not None and ray.is_initialized() else []
+
+
 def failed(job: EvalJob, error: str, wall_s: Optional[float]) -> dict[str, Any]:
     """The result of a job that produced no scores."""
     return {"name": job.name, "run_id": job.run_id, "scores": {}, "n_samples": {}, "wall_s": wall_s, "error": error,
@@ -84,7 +102,8 @@ class Evaluator:
         try:
             scores, n, examples = self._score(self._fetch(job), job.settings)
             return {"name": job.name, "run_id": job.run_id, "scores": scores, "n_samples": n, "examples": examples,
-                    "wall_s": time.time() - t0, "error": None, "pid": os.getpid(), "meta": job.meta}
+                    "wall_s": time.time() - t0, "error": None, "pid": os.getpid(), "gpu_ids": _ray_gpu_ids(),
+                    "meta": job.meta}
         except Exception as e:  # one bad adapter must not cost the other jobs
             return {**failed(job, f"{type(e).__name__}: {e}", time.time() - t0),
                     "traceback": traceback.format_exc(), "pid": os.getpid()}
@@ -114,7 +133,6 @@ class Evaluator:
         """lm-eval's full result dict for the base (+ the adapter at ``adapter_dir``)."""
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
 
         from pipeline.precision import autocast
 
@@ -132,7 +150,7 @@ class Evaluator:
             with autocast(s.precision, self.device):
                 return lm_eval.simple_evaluate(
                     model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
-                    task_manager=TaskManager(include_path=str(TASK_DIR)), log_samples=log_samples,
+                    task_manager=task_manager(), log_samples=log_samples,
                     bootstrap_iters=STDERR_BOOTSTRAP_ITERS, random_seed=s.seed, numpy_random_seed=s.seed,
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:

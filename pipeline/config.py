@@ -132,6 +132,18 @@ class RunConfig(_Strict):
     scaling: ScalingSection = Field(default_factory=ScalingSection)
     mlflow: MlflowSection = Field(default_factory=MlflowSection)
     output_dir: str = "outputs"
+    storage: Optional[str] = Field(
+        None, description="where Ray keeps checkpoints and Tune state: a path or a URI of a pyarrow filesystem "
+                          "(file://, s3://, gs://, ...) that every node reaches; default: under output_dir")
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_uri(cls, v):
+        import re
+
+        if v is not None and ":/" in v and not re.match(r"^[a-z][a-z0-9+.-]*://[^/]*/?", v):
+            raise ValueError(f"{v!r}: not a URI (scheme://...) or a path")
+        return v
 
     @model_validator(mode="after")
     def _lora_has_one_head(self):

@@ -187,6 +187,14 @@ def _sweep_dir(cfg: SweepConfig, resume: Optional[str]) -> Path:
     return Path(resume).resolve()
 
 
+def ray_storage(cfg: SweepConfig, sweep_dir: Path) -> str:
+    """Where this sweep's Tune state and trial checkpoints live: the sweep directory, or with
+    ``base.storage`` (a URI every node reaches) the same sweep's place there."""
+    if cfg.base.storage:
+        return f"{cfg.base.storage.rstrip('/')}/sweeps/{cfg.name}/{sweep_dir.name}"
+    return str(sweep_dir)
+
+
 def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_uri: str, resume: bool):
     import optuna
     from ray import tune
@@ -195,13 +203,13 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": str(sweep_dir / "train"), "seeds": cfg.tune.seeds}
+           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "seeds": cfg.tune.seeds}
     ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
     # starve its own workers on a small cluster): only a token of the memory resource.
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
     if resume:
-        return tune.Tuner.restore(str(sweep_dir / "tune"), trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(f"{ray_storage(cfg, sweep_dir)}/tune", trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     search_alg = None
     if cfg.tune.search_alg == "optuna":
@@ -220,7 +228,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir),
+        run_config=tune.RunConfig(name="tune", storage_path=ray_storage(cfg, sweep_dir),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
 

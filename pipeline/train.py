@@ -393,7 +393,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
                                                placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(
-            name=train_name or f"train-{run_id}", storage_path=storage_path or str(out_dir / "ray"),
+            name=train_name or f"train-{run_id}", storage_path=storage_path or cfg.storage or str(out_dir / "ray"),
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),

@@ -283,16 +283,21 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
         nodes = cluster.alive_nodes()
         assert len(nodes) == 2
 
-        # 1. a 2-worker Train job placed STRICT_SPREAD: one worker per node
+        # 1. a 2-worker Train job placed STRICT_SPREAD: one worker per node; checkpoints in shared
+        # storage given as a URI; rank 1 killed after the step-2 checkpoint: both ranks, one per node,
+        # restore what rank 0 wrote on its node
+        storage = tmp_path / "shared-storage"
         run_yaml = tmp_path / "run.yaml"
         run_yaml.write_text(yaml.safe_dump({
             "model": str(tiny_model_dir), "adapter": {"preset": "rlora", "r": 4, "num_heads": 2},
             "data": {"tasks": ["sst2"], "train_per_task": 32, "eval_per_task": 4, "max_length": 64},
-            "train": {"steps": 2, "batch_size": 2, "eval_every": 2, "eval_at_start": False},
+            "train": {"steps": 4, "batch_size": 2, "eval_every": 4, "eval_at_start": False, "checkpoint_every": 2},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
-                        "max_failures": 0},
-            "mlflow": {"tracking_uri": url, "experiment": "spread"}, "output_dir": str(tmp_path / "out")}))
-        train = run("pipeline.train", str(run_yaml), env={**cluster.env, "RAY_ADDRESS": cluster.address})
+                        "max_failures": 1},
+            "mlflow": {"tracking_uri": url, "experiment": "spread"}, "output_dir": str(tmp_path / "out"),
+            "storage": f"file://{storage}"}))
+        train = run("pipeline.train", str(run_yaml), env={**cluster.env, "RAY_ADDRESS": cluster.address,
+                                                          "RLORA_TEST_KILL_RANK_AT_STEP": "1:3"})
         assert train.returncode == 0, train.stderr[-3000:]
         client = MlflowClient(tracking_uri=url)
         exp = client.get_experiment_by_name("spread")
@@ -300,6 +305,11 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
         placed = trun.data.tags["ray.worker_node_ids"].split(",")
         assert len(placed) == 2 and set(placed) == set(nodes)  # different nodes, both of this cluster
         assert trun.info.status == "FINISHED"
+        resumed = client.get_metric_history(trun.info.run_id, "resumed_from_step")
+        assert [m.value for m in resumed] == [2.0]
+        saved = sorted(p.name for p in (storage / f"train-{trun.info.run_id}").glob("step-*"))
+        assert "step-000004" in saved, list(storage.rglob("*"))[:20]  # checkpoints went to the URI's storage ...
+        assert not (tmp_path / "out" / "ray").exists()  # ... not to the local default
 
         # 2. the smoke sweep (and its eval stage) submitted through the Jobs API, logging to the server
         t0 = time.time()

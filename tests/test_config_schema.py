@@ -28,6 +28,13 @@ def test_defaults_and_adapter_conversion(tmp_path):
         ("data:\n  tasks: [sst2, qqp]\n", "data.tasks: unknown task 'qqp'"),
         ("adapter:\n  head_dropout: 1.5\n", "adapter.head_dropout: Input should be less than 1"),
         ("scaling:\n  num_workers: 0\n", "scaling.num_workers: Input should be greater than or equal to 1"),
+        ("train:\n  precision: fp16\n", "train.precision: Input should be 'fp32', 'bf16-mixed' or 'bf16'"),
+        ("train:\n  grad_accum: 0\n", "train.grad_accum: Input should be greater than or equal to 1"),
+        ("scaling:\n  gpus_per_worker: 1.5\n", "scaling.gpus_per_worker: 1.5: a share above one GPU must be a whole"),
+        ("scaling:\n  gpus_per_worker: 0\n", "scaling.gpus_per_worker: Input should be greater than 0"),
+        ("scaling:\n  backend: mpi\n", "scaling.backend: Input should be 'auto', 'nccl' or 'gloo'"),
+        ("storage: 's3:/bucket'\n", "storage: 's3:/bucket': not a URI"),
+        ("train: {dtype: bfloat16, precision: bf16}\n", "train: give train.precision only"),
     ],
 )
 def test_bad_yaml_is_one_line_naming_the_key(tmp_path, text, expected):
@@ -47,3 +54,9 @@ def test_overrides_and_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="expected key=value"):
         load_run_config(None, ["train.steps"])
     assert RunConfig().train.eval_every == 50
+
+
+@pytest.mark.parametrize("storage", ["s3://bucket/prefix", "gs://b", "file:///mnt/shared/ray", "/mnt/shared/ray",
+                                     "relative/dir", None])
+def test_storage_takes_uris_and_paths(storage):
+    assert RunConfig.model_validate({"storage": storage}).storage == storage

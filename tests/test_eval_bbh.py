@@ -23,11 +23,9 @@ def stock_config(variant: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def task_manager():
-    from lm_eval.tasks import TaskManager
+    from eval.harness import task_manager
 
-    from eval.harness import TASK_DIR
-
-    return TaskManager(include_path=str(TASK_DIR))
+    return task_manager()
 
 
 def get_task(tm, name):

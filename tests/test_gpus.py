@@ -106,3 +106,29 @@ def test_a_trial_that_needs_more_gpus_than_the_cluster_has_is_one_error(ray_with
                                       "search": {"train.lr": {"choice": [1e-3]}}})
     with pytest.raises(ConfigError, match="a trial needs 3 GPU but the cluster has 2"):
         concurrency(cfg)
+
+
+@pytest.mark.slow
+def test_eval_actors_take_gpu_shares(ray_with_logical_gpus, tiny_model_dir):
+    """eval.gpus_per_worker 0.5 on 2 (logical) GPUs: four eval actors run at once, two per GPU, and
+    score on the CPU as the workers do (this torch has no CUDA)."""
+    from eval.harness import EvalJob, EvalSettings, evaluate_jobs
+
+    settings = EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=2)
+    jobs = [EvalJob(f"base-{i}") for i in range(4)]
+    results = evaluate_jobs(settings, jobs, use_gpu=True, gpus_per_worker=0.5, progress=False)
+    assert all(r["error"] is None for r in results), [r["error"] for r in results]
+    assert len({r["pid"] for r in results}) == 4  # one actor per job: four GPU shares at once
+    assert collections.Counter(g for r in results for g in r["gpu_ids"]) == {"0": 2, "1": 2}
+    assert len({repr(r["scores"]) for r in results}) == 1  # the same model scored alike everywhere
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
+    import torch
+
+    assert not torch.cuda.is_available()  # this suite runs on CPU machines
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines() == [proc.stdout.strip()] and "no CUDA device" in proc.stdout
+    assert not (ROOT / "benchmarks" / "results" / "gpu_check-cpu.json").exists()
