@@ -139,6 +139,13 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
             "time/setup_s": sum(o["metrics"].get("time/setup_s", 0.0) for o in outs)}
 
 
+def _trial_ended(result) -> bool:
+    """A trial that ran to its end: an error, or a report with its step (finished, diverged or
+    stopped by ASHA). After a Ctrl-C, Tune may list a trial it interrupted before its first report
+    as terminated, with no metrics and no config: that one still has to run (--resume)."""
+    return result.error is not None or (result.metrics or {}).get("step") is not None
+
+
 def expected_trials(cfg: SweepConfig) -> int:
     if cfg.tune.search_alg == "optuna":
         return cfg.tune.num_samples
@@ -433,7 +440,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
             tracker.finish("FAILED")
         raise
-    interrupted = results is None or results.num_errors + results.num_terminated < expected_trials(cfg)
+    interrupted = results is None or sum(map(_trial_ended, results)) < expected_trials(cfg)
     if interrupted:
         tracker.client.update_run(tracker.run_id, status="KILLED")
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",

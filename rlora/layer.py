@@ -72,7 +72,8 @@ def fused_delta(
         g = (F.dropout(h, p, True) if p > 0 else h) * s
         w = None
     else:
-        w = torch.softmax(z[..., r : r + n].float(), dim=-1) * s  # (..., N), fp32 (also under autocast)
+        zr = z[..., r : r + n]  # router logits; bf16 under autocast: the softmax runs in fp32 (fp64 stays fp64)
+        w = torch.softmax(zr.to(torch.promote_types(zr.dtype, torch.float32)), dim=-1) * s  # (..., N)
         if p > 0 and settings.per_head_dropout:
             hh = h.unsqueeze(-2).expand(*h.shape[:-1], n, r)
             g = F.dropout(hh, p, True) * w.unsqueeze(-1)  # independent mask per head

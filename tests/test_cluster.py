@@ -240,10 +240,15 @@ def test_lean_mlflow_server_stores_runs_and_proxied_artifacts(tmp_path):
 
 
 @pytest.mark.slow
-def test_loopback_cluster_takes_jobs_while_another_process_holds_rays_default_agent_port():
-    """Every Ray on a machine wants port 52365 for its dashboard agent; a second instance's agent
+def test_two_ray_instances_on_one_machine_each_work():
+    """1. Every Ray on a machine wants port 52365 for its dashboard agent; a second instance's agent
     then runs without HTTP and its Jobs API refuses every job ("No available agent"). Found when
-    the two-node test failed only while another suite's Ray ran beside it."""
+    the two-node test failed only while another suite's Ray ran beside it: a loopback cluster
+    still takes jobs while another process holds that port.
+    2. Beside that cluster, a worker of the local cluster that ensure_ray starts still reaches its
+    own cluster through the state API (without RAY_ADDRESS in the workers' environment the state
+    API cannot tell the two apart and the sweep's placement-group cleaner dies)."""
+    import json
     import socket
 
     holder = socket.socket()
@@ -260,6 +265,12 @@ def test_loopback_cluster_takes_jobs_while_another_process_holds_rays_default_ag
                              text=True, timeout=300)
         assert job.returncode == 0 and "succeeded" in job.stdout and "42" in job.stdout, \
             (job.stdout + job.stderr)[-2000:]
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["me"] in got["seen"], (got, cluster.address)
     finally:
         left = cluster.stop()
         holder.close()
@@ -291,13 +302,13 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
         run_yaml.write_text(yaml.safe_dump({
             "model": str(tiny_model_dir), "adapter": {"preset": "rlora", "r": 4, "num_heads": 2},
             "data": {"tasks": ["sst2"], "train_per_task": 32, "eval_per_task": 4, "max_length": 64},
-            "train": {"steps": 4, "batch_size": 2, "eval_every": 4, "eval_at_start": False, "checkpoint_every": 2},
+            "train": {"steps": 6, "batch_size": 2, "eval_every": 6, "eval_at_start": False, "checkpoint_every": 2},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD",
                         "max_failures": 1},
             "mlflow": {"tracking_uri": url, "experiment": "spread"}, "output_dir": str(tmp_path / "out"),
             "storage": f"file://{storage}"}))
         train = run("pipeline.train", str(run_yaml), env={**cluster.env, "RAY_ADDRESS": cluster.address,
-                                                          "RLORA_TEST_KILL_RANK_AT_STEP": "1:3"})
+                                                          "RLORA_TEST_KILL_RANK_AT_STEP": "1:5"})
         assert train.returncode == 0, train.stderr[-3000:]
         client = MlflowClient(tracking_uri=url)
         exp = client.get_experiment_by_name("spread")
@@ -305,10 +316,12 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
         placed = trun.data.tags["ray.worker_node_ids"].split(",")
         assert len(placed) == 2 and set(placed) == set(nodes)  # different nodes, both of this cluster
         assert trun.info.status == "FINISHED"
+        # resumed once, from a checkpoint before the kill at step 5 (Ray registers checkpoints
+        # asynchronously: the step-4 one can still be in flight when the worker dies)
         resumed = client.get_metric_history(trun.info.run_id, "resumed_from_step")
-        assert [m.value for m in resumed] == [2.0]
+        assert len(resumed) == 1 and resumed[0].value in (2.0, 4.0), [m.value for m in resumed]
         saved = sorted(p.name for p in (storage / f"train-{trun.info.run_id}").glob("step-*"))
-        assert "step-000004" in saved, list(storage.rglob("*"))[:20]  # checkpoints went to the URI's storage ...
+        assert "step-000006" in saved, list(storage.rglob("*"))[:20]  # checkpoints went to the URI's storage ...
         assert not (tmp_path / "out" / "ray").exists()  # ... not to the local default
 
         # 2. the smoke sweep (and its eval stage) submitted through the Jobs API, logging to the server
@@ -360,20 +373,3 @@ me, seen = ray.get(inside.remote())
 print(json.dumps({"me": me, "seen": seen}))
 ray.shutdown()
 """
-
-
-@pytest.mark.slow
-def test_local_ray_workers_query_their_own_cluster_beside_another_instance():
-    """With a second Ray instance on the machine, a worker of the local cluster that ensure_ray
-    starts still reaches its own cluster through the state API (without RAY_ADDRESS in the
-    workers' environment the state API cannot tell the two apart and the sweep's placement-group
-    cleaner dies)."""
-    import json
-
-    with LoopbackCluster(nodes=1) as other:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300, env=env)
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["me"] in got["seen"], (got, other.address)
