@@ -75,7 +75,8 @@ def select_trials(client, parent, metric: str, mode: str, top_k: int) -> list:
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
     cands = [r for r in runs if r.data.tags.get("rlora.trial_id") and r.data.tags.get("tune.status") == "DONE"
              and metric in r.data.metrics]
-    cands.sort(key=lambda r: r.data.metrics[metric], reverse=(mode == "max"))
+    sign = -1.0 if mode == "max" else 1.0  # ties broken by trial id, as the sweep's summary does
+    cands.sort(key=lambda r: (sign * r.data.metrics[metric], r.data.tags["rlora.trial_id"]))
     chosen = []
     for r in cands:
         if len(chosen) == top_k:
@@ -102,8 +103,10 @@ def _base_run(tracker, parent, model: str) -> str:
     return rid
 
 
-def _register(client, name: str, run, scores: dict[str, float], metric: str) -> str:
+def _register(client, name: str, run, scores: dict[str, float], metric: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import MODEL_ID_TAG
 
     tags = {k: f"{v:.4f}" for k, v in headline(scores).items()}
     tags.update({"trial_id": run.data.tags.get("rlora.trial_id", ""), metric: f"{run.data.metrics.get(metric, float('nan')):.4f}"})
@@ -118,9 +121,20 @@ def _register(client, name: str, run, scores: dict[str, float], metric: str) -> 
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id, tags=tags,
-                                     description=f"trial {tags['trial_id']}: adapter directory (PEFT format, "
-                                                 "load with rlora.from_pretrained)")
+    model_id = run.data.tags.get(MODEL_ID_TAG)  # the run's logged model (runs before it: the adapter artifact)
+    source = f"models:/{model_id}" if model_id else f"{run.info.artifact_uri}/adapter"
+    import mlflow
+
+    before = mlflow.get_tracking_uri()
+    # MLflow's SQL registry resolves a models:/<id> source through the process-global tracking URI,
+    # not this client's (a TODO in its code): point it at this store while the version is created
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags, model_id=model_id,
+                                         description=f"trial {tags['trial_id']}: adapter directory (PEFT format, "
+                                                     "load with rlora.from_pretrained)")
+    finally:
+        mlflow.set_tracking_uri(before)
     return str(mv.version)
 
 
@@ -190,18 +204,25 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
                                           use_gpu=use_gpu, progress=progress))
     scores.update(_log_results(results, settings, tracking_uri, client))
     registry = ev.registry_name or f"rlora-{sweep_name}"
-    versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric)
+    versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric, tracking_uri)
                 for name, run in targets if name != "base" and name in scores}
     rows = [{"model": name, "run_id": run.info.run_id,
              metric: run.data.metrics.get(metric) if name != "base" else None,
+             f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
              **{p: run.data.params.get(p) for p in params}, "registry_version": versions.get(name),
              **headline(scores[name])}
             for name, run in targets if name in scores]
     keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
     paired = paired_rows(client, [(name, run.info.run_id) for name, run in targets if name in scores])
-    for f in _write_comparison(rows, keys, metric, params, Path(out_dir), paired):
+    files = _write_comparison(rows, keys, metric, params, Path(out_dir), paired)
+    for f in files:
         tracker.log_artifact(f, "eval")
     tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
+    from pipeline.reports import with_eval_section
+    from pipeline.tracking import DESCRIPTION_TAG
+
+    note = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "")
+    tracker.set_description(with_eval_section(note, f"Registered model `{registry}`.\n\n" + files[0].read_text()))
     failed = {r["name"]: r["error"] for r in results if r["error"]}
     summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
                "cached": cached, "failed": failed, "signature": sig}
@@ -215,7 +236,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
 def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
     """Scores onto each job's run, at the next eval round (a new setting is a new point, never a
     duplicate); a failed job gets its error as a tag. Returns the scores by job name."""
-    from pipeline.tracking import Tracker
+    from pipeline.tracking import MODEL_ID_TAG, Tracker
 
     scores = {}
     for r in results:
@@ -223,8 +244,10 @@ def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str,
         if r["error"]:
             t.set_tags({"rlora.eval.error": r["error"][:500]})
             continue
-        rnd = int(client.get_run(r["run_id"]).data.tags.get(ROUND_TAG, "-1")) + 1
-        t.log_metrics({**r["scores"], "eval/wall_s": r["wall_s"]}, step=rnd)
+        tags = client.get_run(r["run_id"]).data.tags
+        rnd = int(tags.get(ROUND_TAG, "-1")) + 1
+        t.log_metrics(r["scores"], step=rnd, model_id=tags.get(MODEL_ID_TAG))  # linked to the trial's adapter model
+        t.log_metrics({"eval/wall_s": r["wall_s"]}, step=rnd)
         if r.get("examples") is not None and len(r["examples"]):
             import tempfile
 

@@ -68,6 +68,37 @@ def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path
     return write_table(ordered, cols, out_dir, "trials")
 
 
+EVAL_SECTION = "\n\n## Eval stage\n"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to a run, relative to the MLflow UI that shows the description holding it."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def sweep_description(name: str, metric: str, best: Optional[dict], params: list[str], sentences: list[str],
+                      trials_md: str, experiment_id: str, rows: list[dict]) -> str:
+    """The sweep's parent-run description (markdown): the best configuration with its objective ± se,
+    the paired verdicts, the trials table and links to every trial's run."""
+    lines = [f"# Sweep {name}", ""]
+    if best:
+        se = best.get(f"{metric}_stderr")
+        lines.append(f"**Best trial** [{best['trial_id']}]({run_link(experiment_id, best['mlflow_run'])}): "
+                     f"{metric} = {_fmt(best[metric])}{f' ± {_fmt(se)}' if se is not None else ''}; "
+                     + ", ".join(f"`{p}` = {_fmt(best.get(p))}" for p in params))
+    else:
+        lines.append("No trial finished with an objective.")
+    lines += ["", *[f"- {s}" for s in sentences if s], "", "## Trials", "", trials_md.strip(), "",
+              "Trial runs: " + ", ".join(f"[{r['trial_id']}]({run_link(experiment_id, r['mlflow_run'])})"
+                                         for r in rows if r.get("mlflow_run"))]
+    return "\n".join(lines)
+
+
+def with_eval_section(description: str, eval_md: str) -> str:
+    """The description with its eval-stage section (replaced when the stage runs again)."""
+    return description.split(EVAL_SECTION)[0] + EVAL_SECTION + "\n" + eval_md.strip()
+
+
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (no display here, nor on Ray workers)."""
     import matplotlib

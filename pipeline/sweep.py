@@ -128,11 +128,15 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
     metrics = seed_metrics([o["metrics"] for o in outs], averaged) if averaged is not None else {}
     steps = cfg.train.steps
-    t.log_metrics(metrics, step=steps)
+    from pipeline.train import adapter_model
+
+    model_id = adapter_model(t, f"trial-{trial_id}", cfg)
+    t.log_metrics(metrics, step=steps, model_id=model_id)
     with tempfile.TemporaryDirectory() as tmp:
         if averaged is not None:
             t.log_artifact(save_examples(averaged, Path(tmp) / examples_file("heldout", steps)), EXAMPLES_DIR)
     t.log_artifacts(outs[0]["adapter_dir"], "adapter")
+    t.finish_model(model_id, outs[0]["adapter_dir"], steps)
     t.set_tags({"rlora.seed_runs": ",".join(o["run_id"] for o in outs)})
     t.finish("FINISHED")
     return {**metrics, "step": steps, "time/loop_s": sum(o["metrics"].get("time/loop_s", 0.0) for o in outs),
@@ -271,7 +275,8 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
         rows[-1][f"{cfg.tune.metric}_stderr"] = metrics.get(f"{cfg.tune.metric}_stderr") if obj is not None else None
     ok = [row for row in rows if row[cfg.tune.metric] is not None and not math.isnan(row[cfg.tune.metric])
           and row["status"] != "ERROR"]
-    ok.sort(key=lambda row: row[cfg.tune.metric], reverse=cfg.tune.mode == "max")
+    sign = -1.0 if cfg.tune.mode == "max" else 1.0  # ties broken by trial id, as the eval stage does
+    ok.sort(key=lambda row: (sign * row[cfg.tune.metric], str(row["trial_id"])))
     best = ok[0] if ok else None
     verdict, vs_base = compare_trials(ok, cfg.tune.metric, tracker.client, base)
     out = sweep_dir / "report"
@@ -296,10 +301,31 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
         tracker.set_tags({"rlora.best_vs_runner_up": verdict})
     if vs_base:
         tracker.set_tags({"rlora.best_vs_base": vs_base})
+    from pipeline.reports import sweep_description
+
+    exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+    tracker.set_description(sweep_description(cfg.name, cfg.tune.metric, best, list(cfg.search), [verdict, vs_base],
+                                              Path(md).read_text(), exp_id, rows))
+    view = sweep_view(cfg, tracker, exp_id)
+    tracker.set_tags({"rlora.ui_view": view})
     (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows,
                                                   "best_vs_runner_up": verdict, "best_vs_base": vs_base},
                                                  indent=2, default=str) + "\n")
-    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict, "vs_base": vs_base}
+    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict, "vs_base": vs_base, "ui_view": view}
+
+
+def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
+    """The MLflow UI's runs table for this sweep: its trials expanded under the parent run, sorted by
+    the objective, with the objective ± se, the held-out means, the searched parameters, the
+    dataset and the logged model as columns. Returns the UI route (printed at the end)."""
+    from pipeline.tracking import ui_column
+
+    metrics = [cfg.tune.metric, f"{cfg.tune.metric}_stderr", "eval/mean_acc", "eval/mean_margin", "train/loss"]
+    columns = [ui_column("attributes", "Dataset"), ui_column("attributes", "Models")]
+    columns += [ui_column("metrics", m) for m in dict.fromkeys(metrics)] + [ui_column("params", p) for p in cfg.search]
+    state = {"runsExpanded": {tracker.run_id: True}, "selectedColumns": columns,
+             "orderByKey": ui_column("metrics", cfg.tune.metric), "orderByAsc": cfg.tune.mode == "min"}
+    return tracker.share_view(experiment_id, f"sweep-{tracker.run_id[:12]}", state)
 
 
 def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
@@ -526,8 +552,11 @@ def main(argv=None) -> int:
         print(f"eval stage ({ev['wall_s']:.0f}s): {len(ev['rows'])} model(s) -> {cfg.eval.tasks}; "
               f"adapters registered as '{ev['registry']}' versions {sorted(ev['versions'].values(), key=int)}")
         print(open(Path(out["sweep_dir"]) / "eval" / "comparison.md").read().rstrip())
-    print(f"MLflow: mlflow ui --backend-store-uri {out['tracking_uri']}  -> experiment "
-          f"'{out['experiment']}', parent run {out['parent_run_id']}")
+    uri = out["tracking_uri"]
+    ui = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    how = "" if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}, then "
+    print(f"MLflow: {how}open {ui}/{out['ui_view']} (experiment '{out['experiment']}', parent run "
+          f"{out['parent_run_id']}: its description has this summary)")
     return 0
 
 

@@ -13,6 +13,19 @@ from urllib.parse import urlparse
 
 MAX_PARAM_LEN = 6000
 EXAMPLES_DIR = "examples"  # per-example tables on a run: examples/<kind>-<step>.parquet (pipeline.stats)
+# MLflow's experiment-kind tag: the UI opens a "model training" experiment on its runs, not on the
+# GenAI overview (traces, latency: all empty here)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+DESCRIPTION_TAG = "mlflow.note.content"  # a run's description (markdown) in the UI
+MODEL_ID_TAG = "rlora.model_id"  # the MLflow logged model holding a run's adapter
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # experiment tags the UI reads for ?viewStateShareKey=
+# the UI's global GenAI / Model-training switch (remembered per browser) set by a link's query
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_column(kind: str, name: str) -> str:
+    """A runs-table column as the MLflow UI names it: metrics.`eval/mean_acc`, params.`adapter.r`."""
+    return f"{kind}.`{name}`"
 
 
 class TrackingError(RuntimeError):
@@ -74,9 +87,13 @@ class Tracker:
     # -- runs ------------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=default_artifact_root(self.tracking_uri))
+        if exp is None:
+            return self.client.create_experiment(name, artifact_location=default_artifact_root(self.tracking_uri),
+                                                 tags=EXPERIMENT_KIND)
+        for k, v in EXPERIMENT_KIND.items():  # one made before the project tagged them
+            if k not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, k, v)
+        return exp.experiment_id
 
     def start_run(self, experiment: str, run_name: Optional[str], params: Mapping[str, Any],
                   tags: Optional[Mapping[str, str]] = None, parent_run_id: Optional[str] = None) -> str:
@@ -106,17 +123,65 @@ class Tracker:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, model_id: Optional[str] = None) -> None:
+        """Step metrics of the run; with ``model_id`` also linked to that logged model."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        link = {"model_id": model_id, "run_id": self.run_id} if model_id else {}
+        items = [Metric(k, float(v), now, step, **link) for k, v in metrics.items() if v is not None]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description in the MLflow UI (its note)."""
+        self.client.set_tag(self.run_id, DESCRIPTION_TAG, markdown)
+
+    def log_dataset(self, name: str, digest: str, source: str, rows: int, profile: Mapping[str, Any],
+                    context: str) -> None:
+        """A dataset input of the run (MLflow's own entities): what the run ``context`` ("training",
+        "evaluation") used, identified by its content ``digest``; ``profile`` shows in the UI."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                     schema=None, profile=json.dumps({"num_rows": rows, **profile}))
+        self.client.log_inputs(self.run_id, [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+    def create_model(self, name: str, params: Mapping[str, Any], tags: Optional[Mapping[str, str]] = None) -> str:
+        """An MLflow 3 logged model of this run (PENDING until ``finish_model``): metrics logged with
+        its id are linked to it; the run's tag records it, so a restarted run reuses it."""
+        existing = self.client.get_run(self.run_id).data.tags.get(MODEL_ID_TAG)
+        if existing:
+            return existing
+        run = self.client.get_run(self.run_id)
+        model = self.client.create_logged_model(run.info.experiment_id, name=name, source_run_id=self.run_id,
+                                                params={k: str(v) for k, v in params.items()},
+                                                tags=dict(tags or {}), model_type="peft-adapter")
+        self.client.set_tag(self.run_id, MODEL_ID_TAG, model.model_id)
+        return model.model_id
+
+    def finish_model(self, model_id: str, local_dir: str | os.PathLike, step: int) -> None:
+        """Upload ``local_dir`` as the model's files, mark it READY and record it as the run's output
+        (``models:/<model_id>`` loads it)."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        self.client.log_model_artifacts(model_id, str(local_dir))
+        self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+
+    def share_view(self, experiment_id: str, key: str, state: Mapping[str, Any]) -> str:
+        """A view of the experiment's runs table (columns, expanded parents, sort order) stored the
+        way the MLflow UI's "share" button stores one (an experiment tag); returns the UI route."""
+        import json
+
+        self.client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_PREFIX}{key}", json.dumps(dict(state)))
+        return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{UI_MODEL_TRAINING}"
 
     def log_artifacts(self, local_dir: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)

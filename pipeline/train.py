@@ -96,6 +96,32 @@ def _log_examples(tracker, table, step: int) -> None:
         tracker.log_artifact(save_examples(table, Path(tmp) / examples_file("heldout", step)), EXAMPLES_DIR)
 
 
+def log_mixture(tracker, cfg: RunConfig, mix) -> None:
+    """The run's training and held-out examples as MLflow dataset inputs: named after the mixture,
+    identified by a hash of their content, sourced from the data directory, counted per task."""
+    import hashlib
+    from collections import Counter
+
+    from pipeline.data import content_key, data_dir
+
+    name = cfg.data.tasks if isinstance(cfg.data.tasks, str) else "+".join(cfg.data.tasks)
+    source = str(data_dir(cfg.data.data_dir).resolve())
+    for split, examples, context in (("train", mix.train, "training"), ("held-out", mix.held_out, "evaluation")):
+        digest = hashlib.sha256("\n".join(sorted(content_key(e) for e in examples)).encode()).hexdigest()[:16]
+        tracker.log_dataset(f"{name}/{split}", digest, source, len(examples),
+                            {"per_task": dict(sorted(Counter(e.task for e in examples).items())),
+                             "max_length": cfg.data.max_length, "seed": cfg.data.seed}, context)
+
+
+def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
+    """The run's adapter as an MLflow logged model: its held-out evaluations are linked to it as they
+    are logged, its files uploaded when training ends (``Tracker.finish_model``)."""
+    params = {"preset": cfg.adapter.preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
+              "alpha": cfg.adapter.alpha, "gamma": cfg.adapter.gamma, "head_dropout": cfg.adapter.head_dropout,
+              "base_model": cfg.model}
+    return tracker.create_model(name, params, tags={"rlora.load": "rlora.from_pretrained(base, <downloaded dir>)"})
+
+
 def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
     import torch
 
@@ -199,6 +225,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     batches = stream.for_rank(rank, world, skip_steps=start * accum)
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    if tracker and start == 0:
+        log_mixture(tracker, cfg, mix)
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:  # where the workers landed (placement strategy), recorded on the run
         import torch.distributed as dist
@@ -216,7 +244,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with autocast(precision, device):
             evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
         if tracker:
-            tracker.log_metrics(evals, step=0)
+            tracker.log_metrics(evals, step=0, model_id=loop_config.get("model_id"))
             _log_examples(tracker, table, 0)
     t_last = t_loop = time.perf_counter()
     timing = {"time/setup_s": t_loop - t_enter}
@@ -260,7 +288,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics.update(evals)
                 metrics["time/loop_s"] = time.perf_counter() - t_loop
-                tracker.log_metrics(evals, step=step)
+                tracker.log_metrics(evals, step=step, model_id=loop_config.get("model_id"))
                 _log_examples(tracker, table, step)
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         if rank == 0 and do_ckpt:
@@ -380,13 +408,14 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         if trial_id:
             tags["rlora.trial_id"] = trial_id
         run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params, tags=tags, parent_run_id=parent_run_id)
+    model_id = adapter_model(tracker, run_name, cfg)
     if not quiet:
         print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
 
     ensure_ray(quiet)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path,
+        train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path, "model_id": model_id,
                            "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg.scaling, use_gpu),
@@ -405,6 +434,8 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     except BaseException as e:
         tracker.set_tags({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if not isinstance(e, KeyboardInterrupt):  # interrupted: --resume continues with this model
+            tracker.client.finalize_logged_model(model_id, "FAILED")
         raise
     wall = time.time() - t0
     nan_step = tracker.client.get_run(run_id).data.tags.get("nan_loss_step")  # set by rank 0
@@ -416,6 +447,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     if failure is not None:
         tracker.set_tags({"error": str(failure)})
         tracker.finish("FAILED")
+        tracker.client.finalize_logged_model(model_id, "FAILED")
         raise type(failure)(f"run {run_id}: {failure}")
     final_dir = out_dir / "runs" / run_id
     with result.checkpoint.as_directory() as d:
@@ -423,6 +455,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
 
         shutil.copytree(d, final_dir, dirs_exist_ok=True)
     tracker.log_artifacts(final_dir / "adapter", "adapter")
+    tracker.finish_model(model_id, final_dir / "adapter", cfg.train.steps)
     if (final_dir / "figures").is_dir():
         tracker.log_artifacts(final_dir / "figures", "figures")
     curves = plot_curves(tracker, ["train/loss", "train/grad_norm", "train/lr"], final_dir / "figures" / "curves.png",

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import urllib.parse
 import subprocess
 import sys
 import time
@@ -101,6 +102,7 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
     check_eval_stage(tmp_path, client, parent, children, proc.stdout)
     check_registered_version_loads_back(tmp_path, client, parent, tiny_model_dir)
+    check_what_the_mlflow_ui_reads(tmp_path, parent, children)
 
 
 def check_paired_trials(tmp_path, client, parent, children):
@@ -162,6 +164,74 @@ def check_registered_version_loads_back(tmp_path, client, parent, model_dir):
     assert len(got) == 57 and list(got.index) == list(logged.index) == list(base.index)
     assert got.to_numpy() == pytest.approx(logged.to_numpy(), abs=1e-4)
     assert abs(got.to_numpy() - base.to_numpy()).max() > 1e-3
+
+
+def rest(url, path, body=None):
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}/api/2.0/mlflow/{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def check_what_the_mlflow_ui_reads(tmp_path, parent, children):
+    """Through a real MLflow server's REST API, what its UI shows: the experiment is a model-training
+    one; the parent run's description carries the best trial, the verdicts, the trials table with a
+    link to every trial and the eval stage; every trial has the mixture as dataset inputs (digest and
+    per-task counts recomputed here) and its adapter as a READY logged model with its held-out scores
+    linked; the registered versions were created from those logged models."""
+    import hashlib
+    from collections import Counter
+
+    from pipeline.batching import build_mixture
+    from pipeline.data import content_key
+    from pipeline.server import start_server, stop_server
+
+    server, url = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "mlartifacts"), port=0,
+                               log_path=tmp_path / "ui-server.log")
+    try:
+        exp = rest(url, "experiments/get-by-name?experiment_name=sweeps")["experiment"]
+        assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in exp["tags"]
+        runs = {r["info"]["run_id"]: r for r in rest(url, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                                                          "max_results": 100})["runs"]}
+        tags = {t["key"]: t["value"] for t in runs[parent.info.run_id]["data"]["tags"]}
+        note = tags["mlflow.note.content"]
+        best = parent.data.tags["best_trial"]
+        assert f"**Best trial** [{best}](#/experiments/{exp['experiment_id']}/runs/{parent.data.tags['best_run']})" in note
+        assert parent.data.tags["rlora.best_vs_runner_up"] in note and "## Trials" in note
+        for c in children:
+            assert f"(#/experiments/{exp['experiment_id']}/runs/{c.info.run_id})" in note
+        assert "## Eval stage" in note and "Registered model `t-adapters`" in note and "bbh/avg" in note
+        mix = build_mixture(["sst2", "boolq"], 48, 6, 0)
+        expected = {}
+        for split, examples, context in (("train", mix.train, "training"), ("held-out", mix.held_out, "evaluation")):
+            digest = hashlib.sha256("\n".join(sorted(content_key(e) for e in examples)).encode()).hexdigest()[:16]
+            expected[f"sst2+boolq/{split}"] = (digest, context, dict(Counter(e.task for e in examples)))
+        versions = rest(url, "model-versions/search?filter=" + urllib.parse.quote("name='t-adapters'"))["model_versions"]
+        by_run = {v["run_id"]: v for v in versions}
+        assert by_run
+        for c in children:
+            run = rest(url, f"runs/get?run_id={c.info.run_id}")["run"]
+            inputs = run["inputs"]["dataset_inputs"]
+            got = {}
+            for i in inputs:
+                ds = i["dataset"]
+                got[ds["name"]] = (ds["digest"], {t["key"]: t["value"] for t in i["tags"]}["mlflow.data.context"],
+                                   json.loads(ds["profile"])["per_task"])
+            assert got == expected, got
+            (out,) = run["outputs"]["model_outputs"]
+            model = rest(url, f"logged-models/{out['model_id']}")["model"]
+            assert model["info"]["source_run_id"] == c.info.run_id and model["info"]["status"] == "LOGGED_MODEL_READY"
+            linked = {m["key"]: m["value"] for m in sorted(model["data"]["metrics"], key=lambda m: int(m.get("step", 0)))}
+            assert linked["eval/mean_acc"] == pytest.approx(c.data.metrics["eval/mean_acc"])
+            assert linked["eval/mean_acc_stderr"] == pytest.approx(c.data.metrics["eval/mean_acc_stderr"])
+            if c.info.run_id in by_run:  # registered by the eval stage: from this logged model
+                v = by_run[c.info.run_id]
+                assert v["source"] == f"models:/{out['model_id']}"
+    finally:
+        stop_server(server)
 
 
 def check_base_model_row(tmp_path, client, parent, children, model_dir, stdout):
@@ -237,7 +307,8 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
         m = client.get_run(v.run_id).data.metrics
         assert float(v.tags["bbh/avg"]) == pytest.approx(m["bbh/avg"], abs=1e-4)
         assert float(v.tags["mmlu/avg"]) == pytest.approx(m["mmlu/avg"], abs=1e-4)
-        assert v.source.endswith("/adapter")
+        assert v.source.startswith("models:/m-")  # made from the trial's logged model
+        assert client.get_logged_model(v.source[len("models:/"):]).source_run_id == v.run_id
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "eval")}
     assert {"eval/comparison.md", "eval/comparison.html", "eval/comparison.png"} <= arts
     assert {"eval/comparison_paired.md", "eval/comparison_paired.csv"} <= arts
