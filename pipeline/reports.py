@@ -54,7 +54,8 @@ DELTA_COL = "Δ vs best (95% CI)"
 BASE_COL = "Δ vs base (95% CI)"
 
 
-def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path) -> tuple[Path, Path, Path]:
+def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path,
+                 mode: str = "max") -> tuple[Path, Path, Path]:
     """Trials best first; the objective as ``x ± se`` and, where per-example tables exist, the
     paired difference to the best trial (and to the base model, when it was scored) with its 95 %
     interval and whether it is resolved."""
@@ -64,7 +65,8 @@ def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path
     if any(r.get(BASE_COL) for r in rows):
         cols += [BASE_COL, "vs base resolved"]
     cols += [*params, "mlflow_run"]
-    ordered = sorted(rows, key=lambda r: (r[metric] is None, -(r[metric] or 0)))
+    sign = -1.0 if mode == "max" else 1.0  # ties in trial-id order, as the sweep picks its best
+    ordered = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0), str(r["trial_id"])))
     return write_table(ordered, cols, out_dir, "trials")
 
 

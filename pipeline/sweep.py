@@ -281,7 +281,7 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
     verdict, vs_base = compare_trials(ok, cfg.tune.metric, tracker.client, base)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out)
+    md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out, cfg.tune.mode)
     tracker.log_artifact(md, "trials")
     tracker.log_artifact(csv_path, "trials")
     tracker.log_artifact(html, "trials")
@@ -422,7 +422,12 @@ def precision_note(cfg: SweepConfig) -> str:
                f"standard error also counts the spread between seeds" if cfg.tune.seeds > 1 else ""))
 
 
-def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) -> dict[str, Any]:
+QUIET_WORKERS = {"TQDM_DISABLE": "1"}  # lm-eval's and transformers' progress bars off inside workers
+
+
+def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, console=None) -> dict[str, Any]:
+    """The sweep, its summary and its eval stage. ``console`` (pipeline.console.Console): its log file
+    goes in the sweep directory and is attached to the parent run."""
     t0 = time.time()
     from pipeline.models import resolve_model
     from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
@@ -450,11 +455,14 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
         state_path.write_text(json.dumps(state, indent=2) + "\n")
         (sweep_dir / "sweep_config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
         tracker.log_artifact(sweep_dir / "sweep_config.json")  # what `eval.run --sweep` reads back
+    if console is not None:
+        console.log_to(sweep_dir / LOG_FILE)
+        console.attach_to = (tracking_uri, tracker.run_id)
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
     print(precision_note(cfg), flush=True)
 
     try:
-        ensure_ray()
+        ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
         slots = concurrency(cfg)
         tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume))
         try:
@@ -489,6 +497,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None) 
             "tracking_uri": tracking_uri, "experiment": cfg.base.mlflow.experiment}
 
 
+LOG_FILE = "sweep.log"
 POST_SWEEP = "rlora_lab.post_sweep"  # entry-point group of the stage run after a sweep (pyproject.toml)
 
 
@@ -521,10 +530,53 @@ def main(argv=None) -> int:
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue an interrupted sweep (default: the latest one of this name)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show every worker's output, warnings and Ray's log lines live (they are always in "
+                         f"the sweep directory's {LOG_FILE}, attached to the parent run)")
     args = ap.parse_args(argv)
     try:
         cfg = load_sweep_config(args.config, args.overrides)
-        out = run_sweep(cfg, args.config, args.resume)
+    except user_errors() as e:
+        return fail(e)
+    from pipeline.console import Console
+
+    if not args.verbose:  # third-party progress bars in this process, at their source
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    console = Console(verbose=args.verbose)
+    try:
+        with console:
+            try:
+                code = _run_and_report(cfg, args, console)
+            except Exception:  # the traceback goes in the log too
+                import traceback
+
+                traceback.print_exc()
+                return 1
+            if console.path:
+                print(f"log: {console.path}")
+            return code
+    finally:
+        _attach_log(console)
+
+
+def _attach_log(console) -> None:
+    """The whole console log (what the terminal showed and what it did not) on the parent run."""
+    if not (console.path and console.attach_to):
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        uri, run_id = console.attach_to
+        MlflowClient(uri).log_artifact(run_id, str(console.path), "logs")
+    except Exception as e:  # the log stays in the sweep directory
+        print(f"warning: could not attach {console.path} to the parent run: {e}", file=sys.stderr)
+
+
+def _run_and_report(cfg: SweepConfig, args, console) -> int:
+    from pipeline.cli import fail, user_errors
+
+    try:
+        out = run_sweep(cfg, args.config, args.resume, console)
     except user_errors() as e:
         return fail(e)
     except PostSweepError as e:  # the sweep itself is complete and recorded

@@ -302,18 +302,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------- driver side
-def ensure_ray(quiet: bool = False) -> None:
+def ensure_ray(quiet: bool = False, worker_env: Optional[dict[str, str]] = None) -> None:
     """Connect to RAY_ADDRESS if set, else start a local single-node Ray (dashboard bound to
     127.0.0.1). The dashboard stays on: Ray Train's placement-group cleaner queries the state
-    API it serves."""
+    API it serves. ``worker_env``: extra environment variables for every worker process."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job's driver: the job's runtime_env
-        ray.init(log_to_driver=not quiet)  # (working_dir, env_vars) already reaches every worker
-        return
     env = {k: v for k, v in os.environ.items() if k.startswith(("RLORA_", "HF_")) or k == "PYTHONPATH"}
+    env.update(worker_env or {})
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # a Ray Job's driver: the job's runtime_env
+        # (working_dir, env_vars) already reaches every worker
+        ray.init(log_to_driver=not quiet, **({"runtime_env": {"env_vars": worker_env}} if worker_env else {}))
+        return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
         return

@@ -103,6 +103,24 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     check_eval_stage(tmp_path, client, parent, children, proc.stdout)
     check_registered_version_loads_back(tmp_path, client, parent, tiny_model_dir)
     check_what_the_mlflow_ui_reads(tmp_path, parent, children)
+    check_console(proc, client, parent, sweep_dir, tmp_path)
+
+
+def check_console(proc, client, parent, sweep_dir, tmp_path):
+    """The terminal gets the project's lines, Tune's trials table and the eval bar; every worker's
+    output (forwarded by Ray) only goes to the log file, which is attached to the parent run."""
+    term = proc.stdout + proc.stderr
+    assert "(RayTrainWorker pid=" not in term and "(TrainController pid=" not in term
+    assert "(Evaluator pid=" not in term and "core_worker.cc" not in term
+    table = ("Trial status:", "Current time:", "Logical resource usage:", "Current best trial:", "╭", "│", "├", "╰",
+             "|", "eval (")
+    other = [line for line in term.splitlines() if line.strip() and not line.lstrip("\r").startswith(table)]
+    assert len(other) <= 30, other
+    log = (sweep_dir / "sweep.log").read_text()
+    assert "(RayTrainWorker pid=" in log and "(Evaluator pid=" in log  # kept, not lost
+    assert "best eval/mean_acc" in log and "eval stage (" in log  # the summary too
+    attached = Path(client.download_artifacts(parent.info.run_id, "logs/sweep.log", str(tmp_path / "log")))
+    assert "(RayTrainWorker pid=" in attached.read_text()
 
 
 def check_paired_trials(tmp_path, client, parent, children):
