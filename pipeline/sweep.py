@@ -294,8 +294,9 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
     tracker.log_metrics({f"sweep/{k}": v for k, v in summary.items()}, step=0)
     if best:
         tracker.log_params({f"best.{k}": best[k] for k in cfg.search})
-        tracker.log_metrics({f"best/{cfg.tune.metric}": best[cfg.tune.metric],
-                             f"best/{cfg.tune.metric}_stderr": best.get(f"{cfg.tune.metric}_stderr")}, step=0)
+        tracker.log_metrics({parent_metric("best", cfg.tune.metric): best[cfg.tune.metric],
+                             parent_metric("best", cfg.tune.metric + "_stderr"): best.get(f"{cfg.tune.metric}_stderr")},
+                            step=0)
         tracker.set_tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run"] or ""})
     if verdict:
         tracker.set_tags({"rlora.best_vs_runner_up": verdict})
@@ -328,10 +329,17 @@ def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
     return tracker.share_view(experiment_id, f"sweep-{tracker.run_id[:12]}", state)
 
 
+def parent_metric(role: str, metric: str) -> str:
+    """A parent-run metric in the ``sweep/`` chart section (``sweep/best_eval_mean_acc``): the chart
+    view groups metrics by their prefix, and sections of one parent-only value each would come
+    before the trials' ``eval/...`` section that people compare."""
+    return f"sweep/{role}_{metric.replace('/', '_')}"
+
+
 def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
     """The base model, without adapter, on the held-out examples every trial scores: once per
     sweep, in the driver after the trials (reused on ``--resume``). Logged on the parent run as
-    ``base/eval/...`` metrics and its per-example table, so the summary can say whether
+    ``sweep/base_<objective>`` (± se) and its per-example table, so the summary can say whether
     fine-tuning helped at all, with the same paired test as between trials."""
     from pipeline.stats import objective_column
     from pipeline.tracking import run_examples
@@ -355,7 +363,8 @@ def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
     model, tok = load_model(cfg.base.model, dtype=load_dtype(cfg.base.train.precision))
     with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
         metrics, table = evaluate(model.eval(), tok, mix.held_out, d.max_length)
-    tracker.log_metrics({f"base/{k}": v for k, v in metrics.items()}, step=0)
+    obj = cfg.tune.metric
+    tracker.log_metrics({parent_metric("base", k): metrics[k] for k in (obj, obj + "_stderr") if k in metrics}, step=0)
     _log_examples(tracker, table, 0)
     print(f"base model on the held-out examples: {cfg.tune.metric} = {metrics.get(cfg.tune.metric, float('nan')):.4f}"
           f" ± {metrics.get(cfg.tune.metric + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)

@@ -142,7 +142,7 @@ def check_paired_trials(tmp_path, client, parent, children):
     assert f"{100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]" in md
     se = ranked[0].data.metrics["eval/mean_acc_stderr"]
     assert f"± {se:.4g}" in md
-    assert parent.data.metrics["best/eval/mean_acc_stderr"] == pytest.approx(se)
+    assert parent.data.metrics["sweep/best_eval_mean_acc_stderr"] == pytest.approx(se)
     cmp = subprocess.run([sys.executable, "-m", "eval.compare", ranked[0].info.run_id, ranked[1].info.run_id,
                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
@@ -271,7 +271,7 @@ def check_base_model_row(tmp_path, client, parent, children, model_dir, stdout):
     assert len(merged) == len(base) == 12
     assert (merged["correct"] == merged["correct_here"]).all()
     assert merged["gold_logprob"].to_numpy() == pytest.approx(merged["gold_logprob_here"].to_numpy(), abs=1e-4)
-    assert parent.data.metrics["base/eval/mean_acc"] == pytest.approx(base.groupby("task")["correct"].mean().mean())
+    assert parent.data.metrics["sweep/base_eval_mean_acc"] == pytest.approx(base.groupby("task")["correct"].mean().mean())
     csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials/trials.csv", str(tmp_path / "csv")))
     cells = dict(zip(csv["mlflow_run"], csv["Δ vs base (95% CI)"]))
     ranked = sorted(children, key=lambda c: -c.data.metrics["eval/mean_acc"])
