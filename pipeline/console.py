@@ -31,7 +31,7 @@ NOISE = [re.compile(p) for p in (
 )]
 RAY_INTERNAL = re.compile(r"TrainController|raylet|gcs_server|autoscaler|dashboard|monitor|PreemptionWatcher")
 # where a line ends: a newline, or a worker line Ray starts in the middle of a progress bar's redraw
-SPLIT = re.compile(rb"(?<=\n)|(?<=.)(?=(?:\x1b\[[0-9;]*m)?\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\))")
+SPLIT = re.compile(rb"(?<=\n)|(?<=[^\n])(?<!\x1b\[\d\dm)(?=(?:\x1b\[\d\dm)?\((?:[\w.]+ )?pid=\d+(?:, ip=[\d.]+)?\))")
 TABLE_START = re.compile(r"^Trial status:")
 TRIAL_BOX = re.compile(r"^Trial \S+ (?:started with configuration:|completed after|finished iteration|errored after)")
 BOX = re.compile(r"^(?:[╭│├╰]|\s*$)")

@@ -24,7 +24,7 @@ CHILD = textwrap.dedent("""
         time.sleep(0.3)  # read by the console before the log file exists
         c.log_to(Path(sys.argv[1]))
         print("sweep demo: starting", flush=True)
-        print("(RayTrainWorker pid=123) Setting up process group for: env://", flush=True)
+        print("\\x1b[36m(RayTrainWorker pid=123)\\x1b[0m Setting up process group for: env://", flush=True)
         print("(TrainController pid=9) [2026-11-30 01:39:09,700 E 9 9] core_worker.cc:2465: Actor PreemptionWatcher",
               flush=True)
         print("(TrainController pid=9) ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
@@ -80,6 +80,7 @@ def test_terminal_shows_own_lines_tables_bars_and_errors_and_the_log_keeps_every
     for kept in ("sweep demo: starting", "Trial status: 2 RUNNING", "eval (2 workers): 2/2",
                  "ValueError: loss is nan at step 3", "best eval/mean_acc = 0.61 ± 0.02"):
         assert kept in term
+    assert "\x1b[36m" not in term  # a worker line's colour code is not left behind on its own
     for hidden in ("Setting up process group", "PreemptionWatcher", "PYTHON worker processes",
                    "Started a local Ray instance", "FutureWarning", "Running loglikelihood", "generate_until",
                    "(Evaluator pid=", "GetTimeoutError"):
