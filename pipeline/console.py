@@ -153,6 +153,10 @@ class Console:
             self._buffer.append(clean)
 
     def _partial(self, data: bytes, out: int, sent: int) -> int:
+        cut = data.find(b"\x1b[", sent)  # hold back what may be the start of a worker line Ray is still writing
+        data = data[:cut] if cut != -1 else data
+        if len(data) <= sent:
+            return sent
         with self._lock:
             if not (self.verbose or shown(visible(data.decode("utf-8", "replace")))):
                 return sent

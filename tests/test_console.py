@@ -39,8 +39,9 @@ CHILD = textwrap.dedent("""
         time.sleep(0.3)
         for i in range(3):
             sys.stderr.write(f"\\reval (2 workers): {i}/2"); sys.stderr.flush(); time.sleep(0.1)
-            if i == 1:  # Ray forwards a worker's line (its own bar) into the middle of ours
-                sys.stderr.write("\\x1b[36m(Evaluator pid=8)\\x1b[0m \\rRunning generate_until requests: 0%\\n")
+            if i == 1:  # Ray forwards a worker's line (its own bar) into the middle of ours, in two pieces
+                sys.stderr.write("\\reval (2 workers): 1/2\\x1b[36m(Evalu"); sys.stderr.flush(); time.sleep(0.2)
+                sys.stderr.write("ator pid=8)\\x1b[0m \\rRunning generate_until requests: 0%\\n")
         sys.stderr.write("\\n"); sys.stderr.flush()
         sys.stdout.write("(Evaluator pid=7) \\rRunning loglikelihood requests: 0%"); sys.stdout.flush()
         time.sleep(0.2)
