@@ -561,6 +561,11 @@ def main(argv=None) -> int:
 
                 traceback.print_exc()
                 return 1
+            finally:  # Ray flushes its deduplicated worker lines at shutdown: through the console, not after it
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
             if console.path:
                 print(f"log: {console.path}")
             return code
