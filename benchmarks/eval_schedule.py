@@ -58,25 +58,17 @@ class _WholeModel:
 
 
 def whole_model_jobs(settings, jobs_by_model: list[list], workers: int) -> list[dict]:
+    """Each model's jobs on one actor, models handed to the next free actor in queue order."""
     import ray
+    from ray.util import ActorPool
 
     actors = [ray.remote(_WholeModel).options(num_cpus=1).remote(settings) for _ in range(workers)]
-    queue, pending = list(range(len(jobs_by_model))), {}
-    results: list = [None] * len(jobs_by_model)
-    for a in actors:
-        if queue:
-            i = queue.pop(0)
-            pending[a.evaluate_all.remote(jobs_by_model[i])] = (i, a)
-    while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        i, a = pending.pop(done[0])
-        results[i] = ray.get(done[0])
-        if queue:
-            j = queue.pop(0)
-            pending[a.evaluate_all.remote(jobs_by_model[j])] = (j, a)
-    for a in actors:
-        ray.kill(a)
-    return [r for rs in results for r in rs]  # model-major, in queue order
+    try:
+        per_model = ActorPool(actors).map(lambda a, jobs: a.evaluate_all.remote(jobs), jobs_by_model)
+        return [r for rs in per_model for r in rs]  # model-major, in queue order
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def makespan(durations: list[float], workers: int) -> float:
