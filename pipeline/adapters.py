@@ -30,6 +30,14 @@ class AdapterLoadError(ValueError):
     """A saved adapter whose tensors do not match the adapter its adapter_config.json builds."""
 
 
+def configurable_fields(method: str) -> set[str]:
+    """The fields of ``method``'s PEFT config class a run may set (``adapter.<method>.<field>``)."""
+    import peft
+
+    cls_name, fixed = PEFT_METHODS[method]
+    return {f.name for f in dataclasses.fields(getattr(peft, cls_name)) if f.init} - set(fixed) - set(_SET_HERE)
+
+
 def peft_config(method: str, fields: dict[str, Any], target_modules: Optional[Iterable[str]],
                 total_step: Optional[int] = None):
     """PEFT's config object for ``method`` from the method's section; ValueError naming the field
@@ -39,12 +47,10 @@ def peft_config(method: str, fields: dict[str, Any], target_modules: Optional[It
 
     cls_name, fixed = PEFT_METHODS[method]
     cls = getattr(peft, cls_name)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in fields:
-        if key not in known:
-            raise ValueError(f"{key}: not a field of peft.{cls_name}")
+    for key in set(fields) - configurable_fields(method):
         if key in fixed or key in _SET_HERE:
             raise ValueError(f"{key}: set by the pipeline for method {method}, not configurable")
+        raise ValueError(f"{key}: not a field of peft.{cls_name}")
     kw: dict[str, Any] = {"task_type": "CAUSAL_LM", **fixed, **fields}
     if target_modules is not None:
         kw.setdefault("target_modules", list(target_modules))
@@ -74,6 +80,13 @@ def resolved(section, total_steps: Optional[int] = None) -> dict[str, Any]:
     cfg = section.to_rlora() if section.method == "rlora" else section.to_peft(total_steps)
     return {k: sorted(v) if isinstance(v, set) else v.value if isinstance(v, enum.Enum) else v
             for k, v in cfg.to_dict().items()}
+
+
+def trainable(model) -> dict[str, float]:
+    """Trainable parameters and their share of the frozen base's (the paper's "% params")."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_params": n_train, "trainable_pct": 100.0 * n_train / n_frozen}
 
 
 def after_optimizer_step(model, step: int) -> None:

@@ -362,6 +362,11 @@ class EvalSection(_Strict):
 
 
 def _field_exists(path: str) -> bool:
+    from pipeline.adapters import PEFT_METHODS, configurable_fields
+
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "adapter" and parts[1] in PEFT_METHODS:  # a field of PEFT's config class
+        return parts[2] in configurable_fields(parts[1])
     model: Any = RunConfig
     for part in path.split("."):
         fields = getattr(model, "model_fields", None)

@@ -230,6 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if tracker and start == 0:
         log_mixture(tracker, cfg, mix)
+        tracker.log_params({f"adapter.{k}": v for k, v in adapters.trainable(model).items()})
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:  # where the workers landed (placement strategy), recorded on the run
         import torch.distributed as dist

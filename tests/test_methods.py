@@ -87,6 +87,20 @@ def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_m
         assert min(shapes.values()) < SECTIONS["adalora"]["init_r"]
 
 
+def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_dir):
+    from pipeline import adapters
+
+    out, _ = trained
+    # tiny model: q_proj 64->64, v_proj 64->32 (2 kv heads x 16), down_proj 128->64, 2 layers
+    shapes = [(64, 64), (64, 32), (128, 64)]
+    lora = adapters.trainable(out["lora"][2])
+    assert lora["trainable_params"] == 2 * sum(4 * (i + o) for i, o in shapes)  # r = 4: A (r x in), B (out x r)
+    ia3 = adapters.trainable(out["ia3"][2])  # a scale per output, on the feed-forward module per input
+    assert ia3["trainable_params"] == 2 * (64 + 32 + 128)
+    n_base = sum(p.numel() for p in out["ia3"][2].parameters()) - ia3["trainable_params"]
+    assert ia3["trainable_pct"] == pytest.approx(100 * ia3["trainable_params"] / n_base)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
     from pipeline import adapters
@@ -177,3 +191,57 @@ def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tin
     base, _ = load_model(str(tiny_model_dir))
     model = adapters.load(base, d)
     assert type(model.base_model).__name__ == "AdaLoraModel"
+
+
+def test_method_fields_are_search_dimensions(tmp_path, tiny_model_dir):
+    from test_sweep import sweep_yaml
+
+    from pipeline.config import load_sweep_config
+
+    ok = {"adapter.method": {"choice": ["rlora", "lora", "ia3"]}, "adapter.lora.r": {"choice": [2, 4]}}
+    cfg = load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search=ok))
+    assert set(cfg.search) == set(ok)
+    for key, msg in (("adapter.lora.rr", "search.adapter.lora.rr: not a run config field"),
+                     ("adapter.dora.use_dora", "search.adapter.dora.use_dora: not a run config field")):
+        with pytest.raises(ConfigError) as e:
+            load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={key: {"choice": [1]}}))
+        assert str(e.value).startswith(msg), str(e.value)
+    with pytest.raises(ConfigError) as e:  # every value is checked against PEFT's type hints
+        load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={"adapter.lora.r": {"choice": [4, "x"]}}))
+    assert "search.adapter.lora.r: value 'x' is invalid" in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
+    """adapter.method as the search dimension: each trial trains its method through Ray Tune + Train,
+    its section's fields apply to it alone, and the eval stage scores and registers every adapter."""
+    from test_sweep import cli, mlflow_runs, sweep_yaml
+
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    search = {"adapter.method": {"grid": ["rlora", "lora", "ia3"]}}
+    path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
+                      tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
+                      eval_={"top_k": 3, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
+                             "registry_name": "t-methods"})
+    data = __import__("yaml").safe_load(path.read_text())
+    data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
+                                    "lora": {"r": 3}, "ia3": {"feedforward_modules": ["down_proj"]}})
+    path.write_text(__import__("yaml").safe_dump(data))
+    proc = cli([str(path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    by_method = {c.data.tags["rlora.method"]: c for c in children}
+    assert set(by_method) == {"rlora", "lora", "ia3"} and all(c.info.status == "FINISHED" for c in children)
+    assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
+    assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
+    assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
+    versions = client.search_model_versions("name = 't-methods'")
+    assert len(versions) == 3
+    for method, run in by_method.items():
+        assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
+        d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))
+        base, _ = load_model(str(tiny_model_dir))
+        peft_type = adapters.load(base, d).peft_config["default"].peft_type
+        assert str(peft_type.value if hasattr(peft_type, "value") else peft_type) == method.upper()
