@@ -140,9 +140,9 @@ class Evaluator:
             logging.getLogger(name).setLevel(logging.ERROR)
         model = self.base
         if adapter_dir:
-            import rlora
+            from pipeline.adapters import load
 
-            model = rlora.from_pretrained(self.base, adapter_dir).to(self.device)
+            model = load(self.base, adapter_dir).to(self.device)
         try:
             model.eval()
             s = settings or self.settings

@@ -23,6 +23,8 @@ class _Strict(BaseModel):
 
 
 class AdapterSection(_Strict):
+    method: Literal["rlora", "lora", "dora", "adalora", "ia3"] = Field(
+        "rlora", description="rlora: the fields below (presets); otherwise PEFT's method, configured by its own section")
     preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"] = "rlora"
     r: int = Field(8, ge=1)
     num_heads: int = Field(3, ge=1)
@@ -34,8 +36,43 @@ class AdapterSection(_Strict):
     correction: Literal["mean", "routed", "none"] = "mean"
     target_modules: list[str] = Field(default_factory=lambda: list(rlora.DEFAULT_TARGET_MODULES), min_length=1)
 
+    # PEFT's methods: each section holds fields of that method's PEFT config class (only the chosen
+    # method's section is used; every given one is validated); target_modules above is their default
+    lora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields")
+    dora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields (use_dora is set)")
+    adalora: dict[str, Any] = Field(default_factory=dict, description="peft.AdaLoraConfig fields (total_step: train.steps)")
+    ia3: dict[str, Any] = Field(default_factory=dict, description="peft.IA3Config fields")
+
+    @field_validator("lora", "dora", "adalora", "ia3")
+    @classmethod
+    def _peft_fields(cls, v, info):
+        from pipeline.adapters import peft_config
+
+        if v:
+            # names and types (the step schedule against train.steps: RunConfig)
+            peft_config(info.field_name, v, None, total_step=10**9)
+        return v
+
+    def to_peft(self, total_steps: Optional[int] = None):
+        from pipeline.adapters import peft_config
+
+        return peft_config(self.method, getattr(self, self.method), self.target_modules, total_steps)
+
+    @property
+    def label(self) -> str:
+        """Short name of the adapter (run names, tags)."""
+        if self.method == "rlora":
+            return f"{self.preset}-N{self.num_heads}-r{self.r}"
+        fields = getattr(self, self.method)
+        r = fields.get("r", fields.get("init_r"))
+        return f"{self.method}" + (f"-r{r}" if r is not None else "")
+
     def to_rlora(self) -> rlora.RLoraConfig:
-        kw = self.model_dump(exclude={"preset"})
+        from pipeline.adapters import PEFT_METHODS
+
+        if self.method != "rlora":
+            raise ValueError(f"adapter.method is {self.method}, not rlora")
+        kw = self.model_dump(exclude={"preset", "method", *PEFT_METHODS})
         fixed = rlora.PRESETS[self.preset]
         for key in fixed:  # the preset decides its structural fields
             kw.pop(key, None)
@@ -149,6 +186,15 @@ class RunConfig(_Strict):
     def _lora_has_one_head(self):
         if self.adapter.preset == "lora" and self.adapter.num_heads != 1:
             self.adapter.num_heads = 1
+        return self
+
+    @model_validator(mode="after")
+    def _peft_method_builds(self):
+        if self.adapter.method != "rlora":  # e.g. AdaLoRA's tinit/tfinal against train.steps
+            try:
+                self.adapter.to_peft(self.train.steps)
+            except ValueError as e:
+                raise ValueError(f"adapter.{self.adapter.method}: {e}") from None
         return self
 
 
@@ -316,6 +362,11 @@ class EvalSection(_Strict):
 
 
 def _field_exists(path: str) -> bool:
+    from pipeline.adapters import PEFT_METHODS, configurable_fields
+
+    parts = path.split(".")
+    if len(parts) == 3 and parts[0] == "adapter" and parts[1] in PEFT_METHODS:  # a field of PEFT's config class
+        return parts[2] in configurable_fields(parts[1])
     model: Any = RunConfig
     for part in path.split("."):
         fields = getattr(model, "model_fields", None)

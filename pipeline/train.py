@@ -116,10 +116,13 @@ def log_mixture(tracker, cfg: RunConfig, mix) -> None:
 def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
     """The run's adapter as an MLflow logged model: its held-out evaluations are linked to it as they
     are logged, its files uploaded when training ends (``Tracker.finish_model``)."""
-    params = {"preset": cfg.adapter.preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
-              "alpha": cfg.adapter.alpha, "gamma": cfg.adapter.gamma, "head_dropout": cfg.adapter.head_dropout,
-              "base_model": cfg.model}
-    return tracker.create_model(name, params, tags={"rlora.load": "rlora.from_pretrained(base, <downloaded dir>)"})
+    if cfg.adapter.method == "rlora":
+        params = {"preset": cfg.adapter.preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
+                  "alpha": cfg.adapter.alpha, "gamma": cfg.adapter.gamma, "head_dropout": cfg.adapter.head_dropout}
+    else:
+        params = {"method": cfg.adapter.method, **getattr(cfg.adapter, cfg.adapter.method)}
+    return tracker.create_model(name, {**params, "base_model": cfg.model},
+                                tags={"rlora.load": "pipeline.adapters.load(base, <downloaded dir>)"})
 
 
 def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
@@ -181,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    import rlora
+    from pipeline import adapters
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
     from pipeline.precision import autocast, load_dtype
@@ -202,7 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
-    model = rlora.get_peft_model(base, cfg.adapter.to_rlora()).to(device)
+    model = adapters.build(base, cfg.adapter, cfg.train.steps).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train.warmup_steps, cfg.train.steps))
@@ -227,6 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if tracker and start == 0:
         log_mixture(tracker, cfg, mix)
+        tracker.log_params({f"adapter.{k}": v for k, v in adapters.trainable(model).items()})
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:  # where the workers landed (placement strategy), recorded on the run
         import torch.distributed as dist
@@ -255,6 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                             sync_each=world == 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
+        adapters.after_optimizer_step(model, step)  # AdaLoRA's budget allocation, from this step's gradients
         sched.step()
         opt.zero_grad(set_to_none=True)
         stats = torch.tensor([loss, tokens], dtype=torch.float64)
@@ -386,6 +391,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline import adapters
     from pipeline.models import resolve_model
     from pipeline.tracking import Tracker, check_reachable, plot_curves, resolve_tracking_uri
 
@@ -396,12 +402,15 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     use_gpu = _use_gpu(cfg.scaling.use_gpu)
 
     tracker = Tracker(tracking_uri)
-    run_name = cfg.mlflow.run_name or f"{cfg.adapter.preset}-N{cfg.adapter.num_heads}-r{cfg.adapter.r}"
+    run_name = cfg.mlflow.run_name or cfg.adapter.label
     backend = torch_backend(cfg.scaling, use_gpu)
     params = {**cfg.model_dump(mode="json"), "resolved": {
-        "model_path": model_path, "use_gpu": use_gpu, "backend": backend, "rlora": cfg.adapter.to_rlora().to_dict(),
+        "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
+        "rlora" if cfg.adapter.method == "rlora" else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
         "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
-    tags = {"config_file": config_path or "", "rlora.preset": cfg.adapter.preset, **(extra_tags or {})}
+    tags = {"config_file": config_path or "", "rlora.method": cfg.adapter.method, **(extra_tags or {})}
+    if cfg.adapter.method == "rlora":
+        tags["rlora.preset"] = cfg.adapter.preset
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
         run_id = tracker.run_id = existing

@@ -1,0 +1,126 @@
+"""The adapter a run trains: R-LoRA (``rlora/``) or one of PEFT's own methods, built, reloaded and
+stepped through one interface, so training, checkpoints and the eval stage treat them alike.
+
+PEFT's methods are PEFT's code: ``adapter.method`` picks the config class, the method's own
+section (``adapter.lora``, ``adapter.adalora`` ...) holds that class's fields, validated by the
+class's own type hints (pydantic) before anything runs. ``dora`` is PEFT's LoRA with
+``use_dora``. AdaLoRA's budget schedule needs the run's step count (``total_step``) and a call of
+``update_and_allocate`` after every optimizer step (``after_optimizer_step``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+# method -> (PEFT config class, fields the method fixes)
+PEFT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "lora": ("LoraConfig", {}),
+    "dora": ("LoraConfig", {"use_dora": True}),
+    "adalora": ("AdaLoraConfig", {}),
+    "ia3": ("IA3Config", {}),
+}
+METHODS = ("rlora", *PEFT_METHODS)
+_SET_HERE = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
+
+
+class AdapterLoadError(ValueError):
+    """A saved adapter whose tensors do not match the adapter its adapter_config.json builds."""
+
+
+def configurable_fields(method: str) -> set[str]:
+    """The fields of ``method``'s PEFT config class a run may set (``adapter.<method>.<field>``)."""
+    import peft
+
+    cls_name, fixed = PEFT_METHODS[method]
+    return {f.name for f in dataclasses.fields(getattr(peft, cls_name)) if f.init} - set(fixed) - set(_SET_HERE)
+
+
+def peft_config(method: str, fields: dict[str, Any], target_modules: Optional[Iterable[str]],
+                total_step: Optional[int] = None):
+    """PEFT's config object for ``method`` from the method's section; ValueError naming the field
+    (``rr: not a field of peft.LoraConfig``) for an unknown, fixed or ill-typed one."""
+    import peft
+    from pydantic import TypeAdapter, ValidationError
+
+    cls_name, fixed = PEFT_METHODS[method]
+    cls = getattr(peft, cls_name)
+    for key in set(fields) - configurable_fields(method):
+        if key in fixed or key in _SET_HERE:
+            raise ValueError(f"{key}: set by the pipeline for method {method}, not configurable")
+        raise ValueError(f"{key}: not a field of peft.{cls_name}")
+    kw: dict[str, Any] = {"task_type": "CAUSAL_LM", **fixed, **fields}
+    if target_modules is not None:
+        kw.setdefault("target_modules", list(target_modules))
+    if method == "adalora" and "total_step" not in fields:
+        kw["total_step"] = total_step or 1  # the run's train.steps (wired by RunConfig)
+    try:
+        return TypeAdapter(cls).validate_python(kw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{where + ': ' if where else ''}{err['msg']}") from None
+
+
+def build(base, section, total_steps: Optional[int] = None):
+    """``base`` wrapped with the adapter ``section`` (an AdapterSection) describes; only the adapter trains."""
+    import peft
+
+    import rlora
+
+    if section.method == "rlora":
+        return rlora.get_peft_model(base, section.to_rlora())
+    return peft.get_peft_model(base, section.to_peft(total_steps))
+
+
+def resolved(section, total_steps: Optional[int] = None) -> dict[str, Any]:
+    """The full config the adapter is built from (logged as the run's ``resolved.*`` params)."""
+    cfg = section.to_rlora() if section.method == "rlora" else section.to_peft(total_steps)
+    return {k: sorted(v) if isinstance(v, set) else v.value if isinstance(v, enum.Enum) else v
+            for k, v in cfg.to_dict().items()}
+
+
+def trainable(model) -> dict[str, float]:
+    """Trainable parameters and their share of the frozen base's (the paper's "% params")."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return {"trainable_params": n_train, "trainable_pct": 100.0 * n_train / n_frozen}
+
+
+def after_optimizer_step(model, step: int) -> None:
+    """AdaLoRA's budget allocation (importance scores from this step's gradients: call it after
+    ``optimizer.step()`` and before ``zero_grad``); nothing for the other methods."""
+    from peft import PeftType
+
+    if model.peft_config[model.active_adapter].peft_type == PeftType.ADALORA:
+        model.base_model.update_and_allocate(step)
+
+
+def load(base, path: str | Path, is_trainable: bool = False):
+    """A saved adapter of any method onto a fresh base, strictly: R-LoRA through ``rlora.from_pretrained``
+    (its own check), PEFT's methods with the saved tensors compared to the ones the config builds, so
+    a missing, unexpected or mis-shaped tensor is an AdapterLoadError naming it instead of a fresh init."""
+    from peft import PeftModel, get_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    import rlora
+
+    path = Path(path)
+    peft_type = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
+    if peft_type == "RLORA":
+        return rlora.from_pretrained(base, path, is_trainable=is_trainable)
+    saved = load_peft_weights(str(path), device="cpu")
+    try:
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
+    except RuntimeError as e:  # torch's size mismatch: keep its first line, which names the tensor
+        raise AdapterLoadError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise AdapterLoadError(f"{path}: {peft_type} adapter "
+                               + "; ".join(f"{kind} tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                                           for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    return model

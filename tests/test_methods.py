@@ -1,0 +1,247 @@
+"""PEFT's own methods as run adapters (adapter.method): built from the typed schema, trained a few
+steps on the tiny model, saved, reloaded strictly on a fresh base, scored by the eval harness."""
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ConfigError, load_run_config
+
+PEFT_METHODS = ["lora", "dora", "adalora", "ia3"]
+STEPS = 6
+# small enough for the tiny model; AdaLoRA prunes from rank 6 to 2 within the 6 steps (tinit 1, tfinal 2)
+SECTIONS = {"lora": {"r": 4, "lora_alpha": 8}, "dora": {"r": 4, "lora_alpha": 8},
+            "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1},
+            "ia3": {"feedforward_modules": ["down_proj"]}}
+
+
+def run_cfg(method, **train):
+    over = [f"adapter.method={method}", "adapter.target_modules=[q_proj,v_proj,down_proj]",
+            f"train.steps={train.get('steps', STEPS)}"]
+    over += [f"adapter.{method}.{k}={v}" for k, v in SECTIONS[method].items()]
+    return load_run_config(None, [o.replace("'", "") for o in over])
+
+
+def batch_of(tok, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, len(tok) - 10, (n, 24), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def train_steps(model, tok, steps):
+    from pipeline import adapters
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    model.train()
+    for step in range(1, steps + 1):
+        model(**batch_of(tok, seed=step)).loss.backward()
+        opt.step()
+        adapters.after_optimizer_step(model, step)
+        opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """Each method trained STEPS steps and saved: {method: (adapter dir, logits of the trained model)}."""
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    out, ids = {}, torch.arange(5, 37)[None]
+    for method in PEFT_METHODS:
+        cfg = run_cfg(method)
+        base, tok = load_model(str(tiny_model_dir))
+        torch.manual_seed(0)
+        model = train_steps(adapters.build(base, cfg.adapter, cfg.train.steps), tok, cfg.train.steps)
+        d = tmp_path_factory.mktemp(method)
+        model.save_pretrained(d)
+        out[method] = (d, logits(model, ids), model)
+    return out, ids
+
+
+@pytest.mark.parametrize("method", PEFT_METHODS)
+def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_model_dir):
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    out, ids = trained
+    d, expected, model = out[method]
+    base, _ = load_model(str(tiny_model_dir))
+    assert not torch.allclose(logits(base, ids), expected, atol=1e-4)  # training moved the model
+    torch.manual_seed(12345)  # a different RNG state than the trained adapter's init
+    reloaded = adapters.load(base, d)
+    if method == "adalora":  # pruned ranks are zeros in the trained model and absent from the reload:
+        # the same sum in another order (measured max |diff| 6e-8)
+        torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
+    else:
+        assert torch.equal(logits(reloaded, ids), expected)
+    if method == "adalora":  # the budget was allocated: ranks were pruned, and the reload has the pruned shapes
+        pattern = model.peft_config["default"].rank_pattern
+        assert pattern and any(sum(m) < SECTIONS["adalora"]["init_r"] for m in pattern.values())
+        shapes = {k: v.shape[0] for k, v in load_file(str(d / "adapter_model.safetensors")).items() if "lora_A" in k}
+        assert min(shapes.values()) < SECTIONS["adalora"]["init_r"]
+
+
+def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_dir):
+    from pipeline import adapters
+
+    out, _ = trained
+    # tiny model: q_proj 64->64, v_proj 64->32 (2 kv heads x 16), down_proj 128->64, 2 layers
+    shapes = [(64, 64), (64, 32), (128, 64)]
+    lora = adapters.trainable(out["lora"][2])
+    assert lora["trainable_params"] == 2 * sum(4 * (i + o) for i, o in shapes)  # r = 4: A (r x in), B (out x r)
+    ia3 = adapters.trainable(out["ia3"][2])  # a scale per output, on the feed-forward module per input
+    assert ia3["trainable_params"] == 2 * (64 + 32 + 128)
+    n_base = sum(p.numel() for p in out["ia3"][2].parameters()) - ia3["trainable_params"]
+    assert ia3["trainable_pct"] == pytest.approx(100 * ia3["trainable_params"] / n_base)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    d = trained[0][method][0]
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    key = sorted(tensors)[0]
+    for name, broken in (("missing", {k: v for k, v in tensors.items() if k != key}),
+                         ("mis-shaped", {**tensors, key: torch.cat([tensors[key], tensors[key]], 0)})):
+        bad = tmp_path / name
+        bad.mkdir()
+        (bad / "adapter_config.json").write_text((d / "adapter_config.json").read_text())
+        save_file(broken, str(bad / "adapter_model.safetensors"))
+        base, _ = load_model(str(tiny_model_dir))
+        with pytest.raises(adapters.AdapterLoadError) as e:
+            adapters.load(base, bad)
+        assert key.rsplit(".", 2)[0].split("base_model.model.")[-1] in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("over, msg", [
+    (["adapter.method=lora", "adapter.lora.rr=4"], "adapter.lora: rr: not a field of peft.LoraConfig"),
+    (["adapter.method=lora", "adapter.lora.r=four"], "adapter.lora: r: Input should be a valid integer"),
+    (["adapter.ia3.use_dora=true"], "adapter.ia3: use_dora: not a field of peft.IA3Config"),
+    (["adapter.method=dora", "adapter.dora.use_dora=false"], "adapter.dora: use_dora: set by the pipeline"),
+    (["adapter.method=lora", "adapter.lora.task_type=SEQ_CLS"], "adapter.lora: task_type: set by the pipeline"),
+    (["adapter.method=adalora", "adapter.adalora.tinit=30", "adapter.adalora.tfinal=20", "train.steps=50"], "adapter.adalora: The supplied schedule"),
+    (["adapter.method=prefix"], "adapter.method: Input should be"),
+])
+def test_bad_method_fields_are_one_line_naming_the_field(over, msg):
+    with pytest.raises(ConfigError) as e:
+        load_run_config(None, over)
+    assert str(e.value).startswith(msg) and "\n" not in str(e.value), str(e.value)
+
+
+def test_method_sections_apply_only_to_their_method():
+    cfg = load_run_config(None, ["adapter.method=lora", "adapter.lora.r=16", "adapter.dora.r=2",
+                                 "adapter.adalora.init_r=3", "train.steps=100"])
+    peft_cfg = cfg.adapter.to_peft(cfg.train.steps)
+    assert type(peft_cfg).__name__ == "LoraConfig" and peft_cfg.r == 16 and not peft_cfg.use_dora
+    assert cfg.adapter.label == "lora-r16"
+    dora = load_run_config(None, ["adapter.method=dora", "adapter.dora.r=2", "adapter.lora.r=16"]).adapter.to_peft()
+    assert dora.use_dora and dora.r == 2
+    ada = load_run_config(None, ["adapter.method=adalora", "train.steps=77"])
+    assert ada.adapter.to_peft(ada.train.steps).total_step == 77  # the schedule follows train.steps
+    assert load_run_config(None, []).adapter.method == "rlora"
+
+
+def test_eval_harness_scores_peft_adapters_and_unloads_them(trained, tiny_model_dir):
+    from eval.harness import EvalJob, EvalSettings, Evaluator
+    from pipeline.models import load_model
+
+    out, ids = trained
+    ev = Evaluator(EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=8), device="cpu")
+    fresh, _ = load_model(str(tiny_model_dir))
+    results = {m: ev.evaluate(EvalJob(m, str(out[m][0]))) for m in ("lora", "ia3")}
+    assert all(r["error"] is None and "heldout/sst2" in r["scores"] for r in results.values()), results
+    assert torch.equal(logits(ev.base, ids), logits(fresh, ids))  # the base is back, bit for bit
+    alone = Evaluator(ev.settings, device="cpu").evaluate(EvalJob("ia3", str(out["ia3"][0])))
+    assert alone["scores"] == results["ia3"]["scores"]
+
+
+@pytest.mark.slow
+def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tiny_model_dir):
+    """pipeline.train with a PEFT method, for real (2 DDP workers, MLflow): AdaLoRA's schedule follows
+    train.steps, its ranks are allocated inside the loop, and the logged adapter reloads strictly."""
+    from test_train import only_run, run_cli, write_yaml
+
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    cfg = write_yaml(tmp_path, tiny_model_dir, adapter={
+        "method": "adalora", "target_modules": ["q_proj", "v_proj"],
+        "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1}})
+    proc = run_cli([str(cfg)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, run, _ = only_run(tmp_path)
+    p, tags = run.data.params, run.data.tags
+    assert run.info.status == "FINISHED" and tags["rlora.method"] == "adalora" and run.info.run_name == "adalora-r6"
+    assert p["resolved.peft.peft_type"] == "ADALORA" and p["resolved.peft.total_step"] == "8"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/mean_acc")] == [0, 4, 8]
+    d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path))
+    import json
+    from pathlib import Path
+
+    pattern = json.loads((Path(d) / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and sum(map(sum, pattern.values())) < 6 * len(pattern)  # ranks were pruned in the loop
+    base, _ = load_model(str(tiny_model_dir))
+    model = adapters.load(base, d)
+    assert type(model.base_model).__name__ == "AdaLoraModel"
+
+
+def test_method_fields_are_search_dimensions(tmp_path, tiny_model_dir):
+    from test_sweep import sweep_yaml
+
+    from pipeline.config import load_sweep_config
+
+    ok = {"adapter.method": {"choice": ["rlora", "lora", "ia3"]}, "adapter.lora.r": {"choice": [2, 4]}}
+    cfg = load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search=ok))
+    assert set(cfg.search) == set(ok)
+    for key, msg in (("adapter.lora.rr", "search.adapter.lora.rr: not a run config field"),
+                     ("adapter.dora.use_dora", "search.adapter.dora.use_dora: not a run config field")):
+        with pytest.raises(ConfigError) as e:
+            load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={key: {"choice": [1]}}))
+        assert str(e.value).startswith(msg), str(e.value)
+    with pytest.raises(ConfigError) as e:  # every value is checked against PEFT's type hints
+        load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={"adapter.lora.r": {"choice": [4, "x"]}}))
+    assert "search.adapter.lora.r: value 'x' is invalid" in str(e.value), str(e.value)
+
+
+@pytest.mark.slow
+def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
+    """adapter.method as the search dimension: each trial trains its method through Ray Tune + Train,
+    its section's fields apply to it alone, and the eval stage scores and registers every adapter."""
+    from test_sweep import cli, mlflow_runs, sweep_yaml
+
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    search = {"adapter.method": {"grid": ["rlora", "lora", "ia3"]}}
+    path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
+                      tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
+                      eval_={"top_k": 3, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
+                             "registry_name": "t-methods"})
+    data = __import__("yaml").safe_load(path.read_text())
+    data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
+                                    "lora": {"r": 3}, "ia3": {"feedforward_modules": ["down_proj"]}})
+    path.write_text(__import__("yaml").safe_dump(data))
+    proc = cli([str(path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    by_method = {c.data.tags["rlora.method"]: c for c in children}
+    assert set(by_method) == {"rlora", "lora", "ia3"} and all(c.info.status == "FINISHED" for c in children)
+    assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
+    assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
+    assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
+    versions = client.search_model_versions("name = 't-methods'")
+    assert len(versions) == 3
+    for method, run in by_method.items():
+        assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
+        d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))
+        base, _ = load_model(str(tiny_model_dir))
+        peft_type = adapters.load(base, d).peft_config["default"].peft_type
+        assert str(peft_type.value if hasattr(peft_type, "value") else peft_type) == method.upper()
