@@ -22,7 +22,6 @@ PEFT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adalora": ("AdaLoraConfig", {}),
     "ia3": ("IA3Config", {}),
 }
-METHODS = ("rlora", *PEFT_METHODS)
 _SET_HERE = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
 
 
@@ -114,7 +113,7 @@ def load(base, path: str | Path, is_trainable: bool = False):
     saved = load_peft_weights(str(path), device="cpu")
     try:
         model = PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
-    except RuntimeError as e:  # torch's size mismatch: keep its first line, which names the tensor
+    except RuntimeError as e:  # torch's size mismatch: keep its last line, which names the tensor
         raise AdapterLoadError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
     expected = get_peft_model_state_dict(model)
     missing = sorted(set(expected) - set(saved))
