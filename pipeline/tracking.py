@@ -32,6 +32,32 @@ class TrackingError(RuntimeError):
     pass
 
 
+# what a SQL store (sqlite, PostgreSQL, MySQL, MSSQL) says when two writers insert the same unique row;
+# through a tracking server it arrives inside the server's error message
+_CONFLICT_MARKERS = ("unique constraint", "integrityerror", "duplicate key", "duplicate entry",
+                     "resource_already_exists")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return any(m in str(exc).lower() for m in _CONFLICT_MARKERS)
+
+
+def retry_on_conflict(fn, attempts: int = 4):
+    """Call ``fn`` (an idempotent store write) again when a concurrent writer won a check-then-insert
+    race: MLflow's SQL store looks a shared row up (a dataset by experiment, name and digest), then
+    inserts it, so two trials logging the same dataset at one moment make the second insert fail on
+    the unique constraint. The retry finds the row and only links it. Other errors raise at once."""
+    import random
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - MlflowException or the driver's IntegrityError
+            if attempt == attempts - 1 or not _is_conflict(e):
+                raise
+            time.sleep(random.uniform(0.01, 0.1) * (attempt + 1))
+
+
 def resolve_tracking_uri(uri: str, base_dir: Optional[Path] = None) -> str:
     """Make a relative ``sqlite:///file.db`` absolute (Ray workers do not share the driver's cwd)."""
     if uri.startswith("sqlite:///"):
@@ -86,6 +112,10 @@ class Tracker:
 
     # -- runs ------------------------------------------------------------------------------------
     def experiment_id(self, name: str) -> str:
+        """The experiment's id, created if missing (processes that create it at one moment all get it)."""
+        return retry_on_conflict(lambda: self._get_or_create_experiment(name))
+
+    def _get_or_create_experiment(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             return self.client.create_experiment(name, artifact_location=default_artifact_root(self.tracking_uri),
@@ -151,7 +181,8 @@ class Tracker:
 
         ds = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
                      schema=None, profile=json.dumps({"num_rows": rows, **profile}))
-        self.client.log_inputs(self.run_id, [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+        inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])]
+        retry_on_conflict(lambda: self.client.log_inputs(self.run_id, inputs))
 
     def create_model(self, name: str, params: Mapping[str, Any], tags: Optional[Mapping[str, str]] = None) -> str:
         """An MLflow 3 logged model of this run (PENDING until ``finish_model``): metrics logged with

@@ -116,3 +116,55 @@ def test_mlflow_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path, ti
             os.killpg(sweep.pid, signal.SIGKILL)
             sweep.wait(60)
         stop_server(server)
+
+
+def _log_concurrently(uri: str, barrier, errors, index: int, rounds: int) -> None:
+    """One writer: at each barrier, every writer creates the same new experiment and logs the same
+    dataset (name, digest) as an input of its own run, as concurrent trials of a sweep do."""
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(uri)
+    tracker.start_run("shared", f"writer-{index}", {})
+    failed = []
+    for r in range(rounds):
+        barrier.wait(timeout=120)
+        try:
+            tracker.experiment_id(f"created-at-once-{r}")
+            tracker.log_dataset("mixture/train", f"digest-{r:03d}", "/data", 10, {}, "training")
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            failed.append(f"round {r}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    errors.put((tracker.run_id, failed))
+
+
+def test_concurrent_writers_of_one_dataset_and_experiment_all_succeed(tmp_path):
+    """MLflow's SQL store looks a dataset (or experiment) up and then inserts it: two trials logging
+    the same mixture at one moment lost that race and one trial failed on the unique constraint
+    (seen in a loaded fresh-clone run). Four processes hit it together, round after round."""
+    import multiprocessing as mp
+
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    Tracker(uri).experiment_id("shared")
+    ctx = mp.get_context("spawn")
+    writers, rounds = 4, 20
+    barrier, errors = ctx.Barrier(writers), ctx.Queue()
+    procs = [ctx.Process(target=_log_concurrently, args=(uri, barrier, errors, i, rounds)) for i in range(writers)]
+    for p in procs:
+        p.start()
+    try:
+        results = [errors.get(timeout=240) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    failures = [f for _, failed in results for f in failed]
+    assert not failures, f"{len(failures)} of {writers * rounds} writes failed, e.g. {failures[0]}"
+    client = MlflowClient(uri)
+    for run_id, _ in results:  # every run is linked to every round's dataset
+        digests = {d.dataset.digest for d in client.get_run(run_id).inputs.dataset_inputs}
+        assert digests == {f"digest-{r:03d}" for r in range(rounds)}
+    assert all(client.get_experiment_by_name(f"created-at-once-{r}") for r in range(rounds))
