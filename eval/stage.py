@@ -173,6 +173,7 @@ def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path) -> 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
                    sweep_name: str, params: list[str], out_dir: Path, progress: bool = True,
                    precision: str = "fp32", use_gpu: Optional[bool] = None) -> dict[str, Any]:
+    from pipeline.reports import adapter_cells
     from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, parent_run_id)
@@ -209,7 +210,8 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     rows = [{"model": name, "run_id": run.info.run_id,
              metric: run.data.metrics.get(metric) if name != "base" else None,
              f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
-             **{p: run.data.params.get(p) for p in params}, "registry_version": versions.get(name),
+             **adapter_cells(run.data.params), **{p: run.data.params.get(p) for p in params},
+             "registry_version": versions.get(name),
              **headline(scores[name])}
             for name, run in targets if name in scores]
     keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
@@ -298,10 +300,11 @@ def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: li
                       paired: Optional[list[dict]] = None) -> list[Path]:
     """comparison.{md,csv,html} (every headline score as x ± se), comparison_paired.{md,csv,html}
     (paired differences to the base model and to the best trial) and comparison.png."""
-    from pipeline.reports import write_table
+    from pipeline.reports import AB_COL, PCT_COL, write_table
 
-    files = list(write_table(rows, ["model", metric, *params, *keys, "registry_version", "run_id"], out_dir,
-                             "comparison"))
+    adapter_cols = [c for c in (PCT_COL, AB_COL) if any(r.get(c) is not None for r in rows)]
+    files = list(write_table(rows, ["model", metric, *adapter_cols, *params, *keys, "registry_version", "run_id"],
+                             out_dir, "comparison"))
     if paired:
         cols = ["model", "family", "n", "Δ vs base", "resolved vs base", "Δ vs best", "resolved vs best"]
         cols = [c for c in cols if any(c in r for r in paired)]

@@ -22,6 +22,8 @@ PEFT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "adalora": ("AdaLoraConfig", {}),
     "ia3": ("IA3Config", {}),
 }
+# methods built by this project's tuner (rlora/): R-LoRA's presets, and LoRA-MoE as its per-head-A structure
+RLORA_METHODS = ("rlora", "lora_moe")
 _SET_HERE = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
 
 
@@ -69,14 +71,14 @@ def build(base, section, total_steps: Optional[int] = None):
 
     import rlora
 
-    if section.method == "rlora":
+    if section.uses_rlora:
         return rlora.get_peft_model(base, section.to_rlora())
     return peft.get_peft_model(base, section.to_peft(total_steps))
 
 
 def resolved(section, total_steps: Optional[int] = None) -> dict[str, Any]:
     """The full config the adapter is built from (logged as the run's ``resolved.*`` params)."""
-    cfg = section.to_rlora() if section.method == "rlora" else section.to_peft(total_steps)
+    cfg = section.to_rlora() if section.uses_rlora else section.to_peft(total_steps)
     return {k: sorted(v) if isinstance(v, set) else v.value if isinstance(v, enum.Enum) else v
             for k, v in cfg.to_dict().items()}
 
@@ -86,6 +88,25 @@ def trainable(model) -> dict[str, float]:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     return {"trainable_params": n_train, "trainable_pct": 100.0 * n_train / n_frozen}
+
+
+def ab_matrices(model) -> Optional[str]:
+    """The paper's "A/B" column (its Table 3): low-rank down (A) and up (B) projections per adapted
+    layer, read off the built model's first adapted layer: R-LoRA and HydraLoRA ``1/N`` (one shared
+    A, a B per head), LoRA, DoRA and AdaLoRA ``1/1``; None for methods without A and B (IA³)."""
+    from peft.tuners.lora import LoraLayer
+
+    from rlora.layer import RLoraLayer
+
+    for module in model.modules():
+        if isinstance(module, RLoraLayer) and module.rlora_settings:
+            name = next(iter(module.rlora_settings))
+            r = module.rlora_settings[name].r
+            return f"{module.rlora_A[name].shape[0] // r}/{module.rlora_B[name].shape[1] // r}"
+        if isinstance(module, LoraLayer) and module.lora_A:
+            name = next(iter(module.lora_A))
+            return f"{int(name in module.lora_A)}/{int(name in module.lora_B)}"
+    return None
 
 
 def after_optimizer_step(model, step: int) -> None:

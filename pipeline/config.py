@@ -23,9 +23,10 @@ class _Strict(BaseModel):
 
 
 class AdapterSection(_Strict):
-    method: Literal["rlora", "lora", "dora", "adalora", "ia3"] = Field(
-        "rlora", description="rlora: the fields below (presets); otherwise PEFT's method, configured by its own section")
-    preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"] = "rlora"
+    method: Literal["rlora", "lora_moe", "lora", "dora", "adalora", "ia3"] = Field(
+        "rlora", description="rlora: the fields below (presets); lora_moe: the same fields, N independent LoRA "
+        "experts (A_i, B_i) under the router; otherwise PEFT's method, configured by its own section")
+    preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora", "lora_moe"] = "rlora"
     r: int = Field(8, ge=1)
     num_heads: int = Field(3, ge=1)
     alpha: float = Field(16.0, gt=0)
@@ -59,10 +60,22 @@ class AdapterSection(_Strict):
         return peft_config(self.method, getattr(self, self.method), self.target_modules, total_steps)
 
     @property
+    def uses_rlora(self) -> bool:
+        """Built by this project's tuner (``rlora/``) from the fields above, not by a PEFT config class."""
+        from pipeline.adapters import RLORA_METHODS
+
+        return self.method in RLORA_METHODS
+
+    @property
+    def tuner_preset(self) -> str:
+        """The ``rlora`` preset the adapter is built from (``lora_moe`` for that method)."""
+        return "lora_moe" if self.method == "lora_moe" else self.preset
+
+    @property
     def label(self) -> str:
         """Short name of the adapter (run names, tags)."""
-        if self.method == "rlora":
-            return f"{self.preset}-N{self.num_heads}-r{self.r}"
+        if self.uses_rlora:
+            return f"{self.tuner_preset}-N{self.num_heads}-r{self.r}"
         fields = getattr(self, self.method)
         r = fields.get("r", fields.get("init_r"))
         return f"{self.method}" + (f"-r{r}" if r is not None else "")
@@ -70,13 +83,13 @@ class AdapterSection(_Strict):
     def to_rlora(self) -> rlora.RLoraConfig:
         from pipeline.adapters import PEFT_METHODS
 
-        if self.method != "rlora":
+        if not self.uses_rlora:
             raise ValueError(f"adapter.method is {self.method}, not rlora")
         kw = self.model_dump(exclude={"preset", "method", *PEFT_METHODS})
-        fixed = rlora.PRESETS[self.preset]
+        fixed = rlora.PRESETS[self.tuner_preset]
         for key in fixed:  # the preset decides its structural fields
             kw.pop(key, None)
-        return rlora.RLoraConfig.from_preset(self.preset, **kw)
+        return rlora.RLoraConfig.from_preset(self.tuner_preset, **kw)
 
 
 class DataSection(_Strict):
@@ -184,13 +197,13 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _lora_has_one_head(self):
-        if self.adapter.preset == "lora" and self.adapter.num_heads != 1:
+        if self.adapter.tuner_preset == "lora" and self.adapter.num_heads != 1:
             self.adapter.num_heads = 1
         return self
 
     @model_validator(mode="after")
     def _peft_method_builds(self):
-        if self.adapter.method != "rlora":  # e.g. AdaLoRA's tinit/tfinal against train.steps
+        if not self.adapter.uses_rlora:  # e.g. AdaLoRA's tinit/tfinal against train.steps
             try:
                 self.adapter.to_peft(self.train.steps)
             except ValueError as e:

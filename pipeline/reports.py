@@ -50,6 +50,21 @@ def write_table(rows: list[dict], cols: list[str], out_dir: Path, stem: str) -> 
     return md, csv_path, page
 
 
+PCT_COL = "% params"  # trainable parameters as % of the frozen base (the paper's Tables 2 and 3)
+AB_COL = "A/B"  # down / up projection matrices per adapted layer (Table 3)
+
+
+def adapter_cells(params: dict) -> dict:
+    """The two adapter columns from a run's logged params (``adapter.trainable_pct``,
+    ``adapter.ab_matrices``); empty for runs that did not log them (the base model, older runs)."""
+    out = {}
+    if params.get("adapter.trainable_pct") is not None:
+        out[PCT_COL] = f"{float(params['adapter.trainable_pct']):.3g}"
+    if params.get("adapter.ab_matrices") is not None:
+        out[AB_COL] = params["adapter.ab_matrices"]
+    return out
+
+
 DELTA_COL = "Δ vs best (95% CI)"
 BASE_COL = "Δ vs base (95% CI)"
 
@@ -64,6 +79,7 @@ def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path
         cols += [DELTA_COL, "resolved"]
     if any(r.get(BASE_COL) for r in rows):
         cols += [BASE_COL, "vs base resolved"]
+    cols += [c for c in (PCT_COL, AB_COL) if any(r.get(c) is not None for r in rows)]
     cols += [*params, "mlflow_run"]
     sign = -1.0 if mode == "max" else 1.0  # ties in trial-id order, as the sweep picks its best
     ordered = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0), str(r["trial_id"])))

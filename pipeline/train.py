@@ -116,8 +116,8 @@ def log_mixture(tracker, cfg: RunConfig, mix) -> None:
 def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
     """The run's adapter as an MLflow logged model: its held-out evaluations are linked to it as they
     are logged, its files uploaded when training ends (``Tracker.finish_model``)."""
-    if cfg.adapter.method == "rlora":
-        params = {"preset": cfg.adapter.preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
+    if cfg.adapter.uses_rlora:
+        params = {"preset": cfg.adapter.tuner_preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
                   "alpha": cfg.adapter.alpha, "gamma": cfg.adapter.gamma, "head_dropout": cfg.adapter.head_dropout}
     else:
         params = {"method": cfg.adapter.method, **getattr(cfg.adapter, cfg.adapter.method)}
@@ -230,7 +230,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if tracker and start == 0:
         log_mixture(tracker, cfg, mix)
-        tracker.log_params({f"adapter.{k}": v for k, v in adapters.trainable(model).items()})
+        tracker.log_params({**{f"adapter.{k}": v for k, v in adapters.trainable(model).items()},
+                            "adapter.ab_matrices": adapters.ab_matrices(model) or "–"})
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:  # where the workers landed (placement strategy), recorded on the run
         import torch.distributed as dist
@@ -406,11 +407,11 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     backend = torch_backend(cfg.scaling, use_gpu)
     params = {**cfg.model_dump(mode="json"), "resolved": {
         "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
-        "rlora" if cfg.adapter.method == "rlora" else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
+        "rlora" if cfg.adapter.uses_rlora else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
         "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
     tags = {"config_file": config_path or "", "rlora.method": cfg.adapter.method, **(extra_tags or {})}
-    if cfg.adapter.method == "rlora":
-        tags["rlora.preset"] = cfg.adapter.preset
+    if cfg.adapter.uses_rlora:
+        tags["rlora.preset"] = cfg.adapter.tuner_preset
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
         run_id = tracker.run_id = existing

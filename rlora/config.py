@@ -15,15 +15,21 @@ HEAD_INITS = ("random", "zero")
 DROPOUT_MODES = ("per_head", "shared")
 ROUTER_INITS = ("kaiming", "zero")
 CORRECTIONS = ("mean", "routed", "none")
+DOWN_PROJECTIONS = ("shared", "per_head")
 
 # The paper's ablation arms (Table 4/5). Each preset fixes the method's structure; r, num_heads,
 # alpha, gamma, dropout rate, targets, ... stay free and can be overridden.
+# "lora_moe" is the paper's LoRA-MoE baseline (its Table 3): N independent LoRA experts (A_i, B_i)
+# under the same per-token softmax router.
 PRESETS: dict[str, dict[str, Any]] = {
-    "lora": {"num_heads": 1, "head_init": "zero", "dropout_mode": "shared", "correction": "none"},
-    "hydralora": {"head_init": "zero", "dropout_mode": "shared", "correction": "none"},
-    "hydralora+mt": {"head_init": "zero", "dropout_mode": "per_head", "correction": "none"},
-    "hydralora+init": {"head_init": "random", "dropout_mode": "shared"},
-    "rlora": {"head_init": "random", "dropout_mode": "per_head"},
+    "lora": {"num_heads": 1, "head_init": "zero", "dropout_mode": "shared", "correction": "none",
+             "down_projection": "shared"},
+    "hydralora": {"head_init": "zero", "dropout_mode": "shared", "correction": "none", "down_projection": "shared"},
+    "hydralora+mt": {"head_init": "zero", "dropout_mode": "per_head", "correction": "none",
+                     "down_projection": "shared"},
+    "hydralora+init": {"head_init": "random", "dropout_mode": "shared", "down_projection": "shared"},
+    "rlora": {"head_init": "random", "dropout_mode": "per_head", "down_projection": "shared"},
+    "lora_moe": {"head_init": "zero", "dropout_mode": "per_head", "correction": "none", "down_projection": "per_head"},
 }
 
 
@@ -59,6 +65,9 @@ class RLoraConfig(PeftConfig):
         correction: ``mean`` subtracts s (1/N) sum_i B_i0 A0 x (paper Eq. 4, exact only for a
             uniform router); ``routed`` subtracts s sum_i w_i(x) B_i0 A0 x (exact for any
             router); ``none`` keeps the initial delta. Only used with ``head_init='random'``.
+        down_projection: ``shared`` (one A for all heads: R-LoRA, HydraLoRA) or ``per_head`` (an
+            A_i per head, stacked as one (N*r, d_in) matrix so the down projection stays one GEMM:
+            LoRA-MoE). Per-head A needs ``dropout_mode='per_head'`` (the heads' inputs differ).
         target_modules: names (or a regex string) of ``nn.Linear`` modules to adapt.
     """
 
@@ -72,6 +81,7 @@ class RLoraConfig(PeftConfig):
     dropout_mode: Literal["per_head", "shared"] = field(default="per_head")
     router_init: Literal["kaiming", "zero"] = field(default="kaiming")
     correction: Literal["mean", "routed", "none"] = field(default="mean")
+    down_projection: Literal["shared", "per_head"] = field(default="shared")
     target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES)
     )
@@ -108,10 +118,14 @@ class RLoraConfig(PeftConfig):
             ("dropout_mode", DROPOUT_MODES),
             ("router_init", ROUTER_INITS),
             ("correction", CORRECTIONS),
+            ("down_projection", DOWN_PROJECTIONS),
         ):
             v = getattr(self, name)
             if v not in allowed:
                 _fail(name, f"must be one of {list(allowed)}", v)
+        if self.down_projection == "per_head" and self.num_heads > 1 and self.dropout_mode == "shared":
+            _fail("dropout_mode", "must be 'per_head' with down_projection='per_head' (each head has its own A x)",
+                  self.dropout_mode)
         if self.bias != "none":
             _fail("bias", "only 'none' is supported", self.bias)
         tm = self.target_modules

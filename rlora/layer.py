@@ -3,7 +3,9 @@
 Shapes (per adapter): A (r, d_in) shared, B (d_out, N*r) = [B_1 | ... | B_N] stacked
 column-wise, router W_r (N, d_in), and the frozen correction factors A0 (r, d_in) and
 B0 (d_out, r) for ``correction='mean'`` (B0 = mean_i B_i at init) or (d_out, N*r) for
-``'routed'``. Adapter weights are kept in fp32 whatever the base dtype.
+``'routed'``. With ``down_projection='per_head'`` (LoRA-MoE) A is [A_1; ...; A_N] (N*r, d_in),
+still one GEMM, and the mean correction keeps A0 = A, B0 = B / N. Adapter weights are kept in
+fp32 whatever the base dtype.
 
 Forward for one adapter, with u the concatenated gated, dropped r-vectors::
 
@@ -65,16 +67,19 @@ def fused_delta(
     if A0 is not None:
         down.append(A0)
     z = F.linear(xf, torch.cat(down, 0) if len(down) > 1 else A)
-    h = z[..., :r]
+    rd = A.shape[0]  # r, or N*r with an A per head
+    h = z[..., :rd]
     p = settings.dropout if training else 0.0
 
     if router is None:  # a single head: plain LoRA path
         g = (F.dropout(h, p, True) if p > 0 else h) * s
         w = None
     else:
-        zr = z[..., r : r + n]  # router logits; bf16 under autocast: the softmax runs in fp32 (fp64 stays fp64)
+        zr = z[..., rd : rd + n]  # router logits; bf16 under autocast: the softmax runs in fp32 (fp64 stays fp64)
         w = torch.softmax(zr.to(torch.promote_types(zr.dtype, torch.float32)), dim=-1) * s  # (..., N)
-        if p > 0 and settings.per_head_dropout:
+        if rd != r:  # per-head A: the heads' inputs are already distinct, one dropout call masks each
+            g = (F.dropout(h, p, True) if p > 0 else h).unflatten(-1, (n, r)) * w.unsqueeze(-1)
+        elif p > 0 and settings.per_head_dropout:
             hh = h.unsqueeze(-2).expand(*h.shape[:-1], n, r)
             g = F.dropout(hh, p, True) * w.unsqueeze(-1)  # independent mask per head
         else:
@@ -84,9 +89,10 @@ def fused_delta(
 
     if A0 is None:
         return F.linear(g, B)
-    h0 = z[..., -r:]
+    h0 = z[..., -A0.shape[0]:]
     if settings.correction == "routed" and w is not None:
-        c = (h0.unsqueeze(-2) * w.unsqueeze(-1)).flatten(-2)
+        h0 = h0.unflatten(-1, (n, r)) if A0.shape[0] != r else h0.unsqueeze(-2)
+        c = (h0 * w.unsqueeze(-1)).flatten(-2)
     else:
         c = h0 * s
     return F.linear(torch.cat([g, c.neg()], -1), torch.cat([B, B0], 1))
@@ -122,7 +128,8 @@ class RLoraLayer(BaseTunerLayer):
         if device.type == "meta":
             device = torch.device("cpu")
         f32 = dict(dtype=torch.float32, device=device)
-        A = torch.empty(r, d_in, **f32)
+        per_head_down = config.down_projection == "per_head" and n > 1
+        A = torch.empty(n * r if per_head_down else r, d_in, **f32)
         B = torch.empty(d_out, n * r, **f32)
         if config.head_init == "random":
             std_a, std_b = init_std(d_in, d_out, config.gamma)
@@ -144,7 +151,9 @@ class RLoraLayer(BaseTunerLayer):
             correction = "mean"  # identical for one head
         if correction != "none":
             self.rlora_A0[adapter_name] = A.clone()
-            if correction == "mean":  # rank-r factor of C = (1/N) sum_i B_i A, in fp64 then fp32
+            if correction == "mean" and per_head_down:  # C = (1/N) sum_i B_i A_i = (B / N) A
+                self.rlora_B0[adapter_name] = (B.double() / n).float()
+            elif correction == "mean":  # rank-r factor of C = (1/N) sum_i B_i A, in fp64 then fp32
                 self.rlora_B0[adapter_name] = B.double().view(d_out, n, r).mean(1).float()
             else:
                 self.rlora_B0[adapter_name] = B.clone()

@@ -32,7 +32,8 @@ class AdapterLoadError(ValueError):
         self.adapter_name, self.adapter_dir = adapter_name, source
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
         where = f" from {source!r}" if source else ""
-        built = f"adapter config (r={config.r}, num_heads={config.num_heads}, correction={config.correction!r})"
+        built = (f"adapter config (r={config.r}, num_heads={config.num_heads}, correction={config.correction!r}, "
+                 f"down_projection={config.down_projection!r})")
         lines = []
         for kind, items, fmt in (
             ("mismatched", mismatched, lambda m: f"tensor {m[0]!r} has shape {m[1]} in the checkpoint, expected {m[2]}"),

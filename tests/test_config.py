@@ -47,13 +47,15 @@ def test_defaults_follow_the_paper():
         ("hydralora+mt", "zero", "per_head"),
         ("hydralora+init", "random", "shared"),
         ("rlora", "random", "per_head"),
+        ("lora_moe", "zero", "per_head"),
     ],
 )
 def test_presets_are_the_paper_ablation_arms(preset, head_init, mode):
     c = RLoraConfig.from_preset(preset, r=4)
     assert (c.head_init, c.dropout_mode, c.r) == (head_init, mode, 4)
     assert (c.num_heads == 1) == (preset == "lora")
-    assert set(PRESETS) == {"lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"}
+    assert c.down_projection == ("per_head" if preset == "lora_moe" else "shared")
+    assert set(PRESETS) == {"lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora", "lora_moe"}
 
 
 def test_preset_errors_name_the_field():

@@ -35,6 +35,11 @@ def reference_forward(layer, x, A_init, B_init, config):
     if base.bias is not None:
         y = y + base.bias.double()
     n, r, s = config.num_heads, config.r, config.scaling
+    per_head_down = config.down_projection == "per_head" and n > 1
+
+    def down(A, i):  # head i's down projection: the shared A, or its own block A_i (LoRA-MoE)
+        return A[i * r : (i + 1) * r] if per_head_down else A
+
     A = layer.rlora_A["default"].double()
     heads = layer.head_weights("default").double()  # (N, d_out, r)
     if n > 1:
@@ -42,16 +47,16 @@ def reference_forward(layer, x, A_init, B_init, config):
     else:
         w = torch.ones(*x.shape[:-1], 1, dtype=torch.float64)
     for i in range(n):
-        y = y + s * w[..., i : i + 1] * ((x @ A.T) @ heads[i].T)
+        y = y + s * w[..., i : i + 1] * ((x @ down(A, i).T) @ heads[i].T)
     if config.uses_correction:
         heads0 = B_init.double().view(B_init.shape[0], n, r).permute(1, 0, 2)
         A0 = A_init.double()
         if config.correction == "mean" or n == 1:
-            C = sum(heads0[i] @ A0 for i in range(n)) / n
+            C = sum(heads0[i] @ down(A0, i) for i in range(n)) / n
             y = y - s * (x @ C.T)
         else:
             for i in range(n):
-                y = y - s * w[..., i : i + 1] * ((x @ A0.T) @ heads0[i].T)
+                y = y - s * w[..., i : i + 1] * ((x @ down(A0, i).T) @ heads0[i].T)
     return y
 
 
@@ -79,6 +84,26 @@ def test_forward_matches_per_head_reference_fp64(preset, correction, router_init
     # The mean factor mean_i B_i0 is stored in fp32 (rounded once, ~6e-8 relative); all else is exact.
     tol = 1e-7 if config.uses_correction and (config.correction == "mean" or heads == 1) else 1e-10
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("correction", ["mean", "routed", "none"])
+@pytest.mark.parametrize("head_init", ["random", "zero"])
+def test_per_head_down_projection_matches_the_per_expert_loop_fp64(correction, head_init):
+    """LoRA-MoE's structure (an A_i per head, one stacked GEMM) against the explicit loop over
+    experts, with every correction when the heads start non-zero."""
+    config = RLoraConfig(r=3, num_heads=4, alpha=6.0, head_dropout=0.2, head_init=head_init,
+                         correction=correction, down_projection="per_head")
+    torch.manual_seed(0)
+    layer = RLoraLinear(nn.Linear(24, 40), "default", config)
+    assert layer.rlora_A["default"].shape == (12, 24)  # N*r rows: a block per expert, drawn independently
+    blocks = layer.rlora_A["default"].view(4, 3, 24)
+    assert all(not torch.equal(blocks[i], blocks[j]) for i in range(4) for j in range(i))
+    A_init = layer.rlora_A["default"].detach().clone()
+    B_init = layer.rlora_B["default"].detach().clone()
+    perturb_(layer)
+    layer = layer.double().eval()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), reference_forward(layer, x, A_init, B_init, config), rtol=1e-10, atol=1e-10)
 
 
 def test_rslora_scaling():

@@ -101,6 +101,46 @@ def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_di
     assert ia3["trainable_pct"] == pytest.approx(100 * ia3["trainable_params"] / n_base)
 
 
+def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
+    """The paper's Table 3 "A/B" column from the model itself: one shared A and a B per head for
+    R-LoRA and HydraLoRA, one of each for LoRA, DoRA and AdaLoRA, none for IA³."""
+    import rlora
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    out, _ = trained
+    got = {m: adapters.ab_matrices(out[m][2]) for m in PEFT_METHODS}
+    assert got == {"lora": "1/1", "dora": "1/1", "adalora": "1/1", "ia3": None}
+    for preset, heads, expected in [("rlora", 3, "1/3"), ("hydralora", 2, "1/2"), ("lora", 1, "1/1")]:
+        base, _ = load_model(str(tiny_model_dir))
+        model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset(preset, r=4, num_heads=heads))
+        assert adapters.ab_matrices(model) == expected, preset
+
+
+def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_model_dir, tmp_path):
+    """adapter.method: lora_moe builds N independent LoRA experts under the router (this project's
+    tuner, per-head A), trains, and reloads on a fresh base under another RNG state exactly."""
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    cfg = load_run_config(None, ["adapter.method=lora_moe", "adapter.num_heads=3", "adapter.r=4",
+                                 "adapter.target_modules=[q_proj,v_proj,down_proj]"])
+    assert cfg.adapter.label == "lora_moe-N3-r4"
+    resolved = adapters.resolved(cfg.adapter)
+    assert (resolved["down_projection"], resolved["head_init"], resolved["correction"]) == ("per_head", "zero", "none")
+    base, tok = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    model = train_steps(adapters.build(base, cfg.adapter), tok, STEPS)
+    assert adapters.ab_matrices(model) == "3/3"
+    ids = torch.arange(5, 37)[None]
+    expected = logits(model, ids)
+    model.save_pretrained(tmp_path)
+    fresh, _ = load_model(str(tiny_model_dir))
+    assert not torch.allclose(logits(fresh, ids), expected, atol=1e-4)
+    torch.manual_seed(12345)
+    assert torch.equal(logits(adapters.load(fresh, tmp_path), ids), expected)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
     from pipeline import adapters
@@ -220,10 +260,10 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     from pipeline import adapters
     from pipeline.models import load_model
 
-    search = {"adapter.method": {"grid": ["rlora", "lora", "ia3"]}}
+    search = {"adapter.method": {"grid": ["rlora", "lora", "ia3", "lora_moe"]}}
     path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
                       tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
-                      eval_={"top_k": 3, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
+                      eval_={"top_k": 4, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
                              "registry_name": "t-methods"})
     data = __import__("yaml").safe_load(path.read_text())
     data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
@@ -233,15 +273,30 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, parents, children = mlflow_runs(tmp_path)
     by_method = {c.data.tags["rlora.method"]: c for c in children}
-    assert set(by_method) == {"rlora", "lora", "ia3"} and all(c.info.status == "FINISHED" for c in children)
+    assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe"} and all(c.info.status == "FINISHED" for c in children)
     assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
     assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
     assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
     versions = client.search_model_versions("name = 't-methods'")
-    assert len(versions) == 3
+    assert len(versions) == 4
+    # the trials table and the eval stage's comparison show each trial's % params and A/B matrices
+    import pandas as pd
+
+    parent = parents[0].info.run_id
+    trials = pd.read_csv(client.download_artifacts(parent, "trials/trials.csv", str(tmp_path / "t")), dtype=str)
+    comparison = pd.read_csv(client.download_artifacts(parent, "eval/comparison.csv", str(tmp_path / "c")), dtype=str)
+    heads = by_method["rlora"].data.params["resolved.rlora.num_heads"]
+    for method, ab in [("rlora", f"1/{heads}"), ("lora", "1/1"), ("ia3", "–"), ("lora_moe", f"{heads}/{heads}")]:
+        run = by_method[method]
+        pct = f"{float(run.data.params['adapter.trainable_pct']):.3g}"
+        trial = trials[trials["mlflow_run"] == run.info.run_id].iloc[0]
+        assert (trial["% params"], trial["A/B"]) == (pct, ab), method
+        row = comparison[comparison["run_id"] == run.info.run_id].iloc[0]
+        assert (row["% params"], row["A/B"]) == (pct, ab), method
     for method, run in by_method.items():
         assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
         d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))
         base, _ = load_model(str(tiny_model_dir))
         peft_type = adapters.load(base, d).peft_config["default"].peft_type
-        assert str(peft_type.value if hasattr(peft_type, "value") else peft_type) == method.upper()
+        expected = "RLORA" if method in ("rlora", "lora_moe") else method.upper()
+        assert str(peft_type.value if hasattr(peft_type, "value") else peft_type) == expected

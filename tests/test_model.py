@@ -75,7 +75,8 @@ def train_steps(model, ids, steps=3, lr=5e-3):
 
 @pytest.mark.parametrize(
     "preset,extra",
-    [("rlora", {}), ("rlora", {"correction": "routed"}), ("hydralora", {}), ("lora", {}), ("hydralora+init", {})],
+    [("rlora", {}), ("rlora", {"correction": "routed"}), ("hydralora", {}), ("lora", {}), ("hydralora+init", {}),
+     ("lora_moe", {})],
 )
 def test_train_save_load_on_fresh_base_reproduces_outputs(tiny_llama_factory, token_ids, tmp_path, preset, extra):
     model = rlora.get_peft_model(tiny_llama_factory(), RLoraConfig.from_preset(preset, r=4, **extra))
@@ -87,7 +88,7 @@ def test_train_save_load_on_fresh_base_reproduces_outputs(tiny_llama_factory, to
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     for key in ("r", "num_heads", "alpha", "use_rslora", "gamma", "head_init", "head_dropout",
-                "dropout_mode", "router_init", "correction", "target_modules"):
+                "dropout_mode", "router_init", "correction", "down_projection", "target_modules"):
         assert key in saved
     assert saved["peft_type"] == "RLORA"
 
@@ -235,6 +236,9 @@ CORRUPTIONS = {
                             "num_heads=4"]),
     "config-r*2": (lambda d: edit_config(d, r=lambda r: r * 2),
                    [f"{D0}.rlora_A' has shape (4, 112) in the checkpoint, expected (8, 112)", "r=8"]),
+    "config-down-per_head": (lambda d: edit_config(d, down_projection=lambda v: "per_head"),
+                             [f"{D0}.rlora_A' has shape (4, 112) in the checkpoint, expected (12, 112)",
+                              "down_projection='per_head'"]),
     "config-correction-none": (lambda d: edit_config(d, correction=lambda c: "none"),
                                ["unexpected", f"{D0}.rlora_A0'", "28 unexpected"]),
 }
