@@ -159,9 +159,22 @@ def run(grid, device, dtype, repeats_fn):
     return rows
 
 
+def flop_floor(d: int, n: int, r: int) -> float:
+    """Fused layer / frozen base forward+backward time if the adapter ran at the base GEMM's FLOP
+    rate and its element-wise work were free. Per token, multiply-adds: base d*d forward + d*d for
+    the input gradient. Adapter (paper defaults, mean correction): forward down [A; W_r; A0]
+    (2r+N)*d and up [B | B0] d*(N+1)*r; backward the input gradients of both GEMMs again, plus the
+    weight gradients of A and W_r ((r+N)*d) and of B (d*N*r); A0 and B0 are frozen."""
+    down, up = (2 * r + n) * d, d * (n + 1) * r
+    adapter = (down + up) + (down + up) + (r + n) * d + d * n * r
+    return 1.0 + adapter / (2 * d * d)
+
+
 def derive(row: dict) -> dict:
     """Overheads and ratios of one row from its raw timings."""
     base = row["base_ms"]
+    row["fused_vs_base"] = row["fused_ms"] / base
+    row["floor_vs_base"] = flop_floor(row["d"], row["N"], row["r"])
     for kind in ("fused", "loop", "loop_ax", "peft_r", "peft_Nr"):
         row[f"{kind}_overhead_ms"] = max(row[f"{kind}_ms"] - base, NOISE_FLOOR * base)
     row["fused_overhead_resolved"] = row["fused_ms"] - base > NOISE_FLOOR * base
@@ -188,6 +201,10 @@ def summarize(rows):
         "loop_ax_over_fused_overhead_N5": {"min": min(r["loop_ax_over_fused_overhead"] for r in n5),
                                            "geomean": gm(r["loop_ax_over_fused_overhead"] for r in n5)} if n5 else None,
         "fused_mem_vs_peft_Nr": {"max": max(r["fused_mem_vs_peft_Nr"] for r in rows)},
+        # issue 15's target: fused / frozen base <= 1.10 on every row with d >= 1536 and N <= 5
+        "fused_vs_base_d1536plus_N5orless": {
+            "max": max((r["fused_vs_base"] for r in rows if r["d"] >= 1536 and r["N"] <= 5), default=None),
+            "floor_max": max((r["floor_vs_base"] for r in rows if r["d"] >= 1536 and r["N"] <= 5), default=None)},
     }
 
 
@@ -228,7 +245,8 @@ def report(rows, device, dtype, grid, out: Path, label: str | None = None) -> No
     print()
     print_table(rows, [
         ("d", "d", "d"), ("tokens", "T", "d"), ("N", "N", "d"), ("r", "r", "d"),
-        ("base_ms", "base", ".1f"), ("fused_ms", "fused", ".1f"), ("loop_ms", "loop", ".1f"),
+        ("base_ms", "base", ".1f"), ("fused_ms", "fused", ".1f"), ("fused_vs_base", "fused/base", ".2f"),
+        ("floor_vs_base", "floor", ".3f"), ("loop_ms", "loop", ".1f"),
         ("loop_ax_ms", "loop_ax", ".1f"), ("peft_r_ms", "peft_r", ".1f"), ("peft_Nr_ms", "peft_Nr", ".1f"),
         ("fused_vs_peft_Nr", "fused/peftNr", ".2f"), ("loop_over_fused_overhead", "loop/fused ovh", ".1f"),
         ("loop_ax_over_fused_overhead", "loopAx/fused ovh", ".1f"),

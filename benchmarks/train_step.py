@@ -6,6 +6,10 @@ Variants:
   peft_lora_Nr - PEFT LoRA of rank N*r = 24 (the rank-matched single LoRA of rlora_N3)
   rlora_N3   - R-LoRA, 3 heads, r=8, paper defaults, all 7 projections
   rlora_N5   - R-LoRA, 5 heads, r=8
+  with --variants methods, also every other adapter.method the pipeline trains, built by its own code
+  (pipeline.adapters): peft_dora (r=8), peft_adalora (init_r 12 -> target_r 8, its budget
+  allocation after every step, as in training), peft_ia3 (PEFT's default targets), lora_moe_N3
+  (3 experts of r=8 under the router)
 The step is the training loop's own (``pipeline.step.accumulate_gradients``) under a
 ``train.precision`` (fp32 | bf16-mixed | bf16), optionally with activation checkpointing.
 
@@ -29,6 +33,12 @@ from pathlib import Path
 from benchmarks.common import device_label, print_table, write_json
 
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
+METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "rlora_N3",
+                   "lora_moe_N3"]
+# the PEFT method sections of pipeline.adapters.peft_config for the method variants
+PEFT_SECTIONS = {"peft_dora": ("dora", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
+                 "peft_adalora": ("adalora", {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
+                 "peft_ia3": ("ia3", {})}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Architectures by their published configs (weights drawn at random)
 MODEL_ARCHS = {
@@ -75,7 +85,20 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     if checkpointing:
         enable_gradient_checkpointing(base)
     torch.manual_seed(0)
-    if variant.startswith("peft_lora"):
+    if variant in PEFT_SECTIONS:
+        from peft import get_peft_model
+
+        from pipeline.adapters import peft_config
+
+        method, fields = PEFT_SECTIONS[variant]
+        targets = None if method == "ia3" else TARGETS  # IA³: PEFT's own targets for the architecture
+        model = get_peft_model(base, peft_config(method, fields, targets, total_step=10_000))
+    elif variant.startswith("lora_moe"):
+        import rlora
+
+        n = int(variant.split("_N")[1])
+        model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset("lora_moe", r=8, num_heads=n, alpha=16))
+    elif variant.startswith("peft_lora"):
         from peft import LoraConfig, get_peft_model
 
         r = 24 if variant == "peft_lora_Nr" else 8
@@ -96,6 +119,7 @@ def measure(model, params, variant: str, batch: int, seq: int, steps: int, devic
     """Median step time over ``steps`` timed steps after one warm-up, and peak memory."""
     import torch
 
+    from pipeline.adapters import after_optimizer_step
     from pipeline.step import accumulate_gradients
 
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -105,10 +129,14 @@ def measure(model, params, variant: str, batch: int, seq: int, steps: int, devic
     data = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}]
     cuda = torch.device(device).type == "cuda"
 
+    count = [0]
+
     def step():
         accumulate_gradients(model, data, device, precision)
         if variant != "base":
             opt.step()
+            count[0] += 1
+            after_optimizer_step(model, count[0])  # AdaLoRA's budget allocation; nothing for the others
         opt.zero_grad(set_to_none=True)
 
     step()  # warm-up
@@ -152,6 +180,8 @@ def main(argv=None):
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "bf16"])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="a model spec, or arch:<name> (random weights)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the base")
+    ap.add_argument("--variants", default="default", help="default (R-LoRA vs PEFT LoRA), methods (every "
+                    "adapter.method), or a comma-separated list of variants")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # child mode
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -164,8 +194,9 @@ def main(argv=None):
         from pipeline.models import resolve_model
 
         resolve_model(args.model)  # convert once, outside the timed children
+    variants = {"default": VARIANTS, "methods": METHOD_VARIANTS}.get(args.variants) or args.variants.split(",")
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         if args.device == "cpu":  # a fresh process per variant: peak RSS is its own
             cmd = [sys.executable, "-m", "benchmarks.train_step", "--variant", v,
                    *[x for k, val in run.items() if k != "checkpointing" for x in (f"--{k}", str(val))],
@@ -178,16 +209,21 @@ def main(argv=None):
         print(f"{v:10s} {rows[-1]['tokens_per_s']:8.1f} tok/s  peak memory {mem:7.0f} MB", flush=True)
     by = {r["variant"]: r for r in rows}
     for r in rows:
-        r["step_vs_peft_lora"] = r["step_s"] / by["peft_lora"]["step_s"]
+        if "peft_lora" in by:
+            r["step_vs_peft_lora"] = r["step_s"] / by["peft_lora"]["step_s"]
+        if "rlora_N3" in by:
+            r["step_vs_rlora_N3"] = r["step_s"] / by["rlora_N3"]["step_s"]
     mem_key = "peak_rss_mb" if args.device == "cpu" else "peak_mem_mb"
     print()
-    print_table(rows, [("variant", "variant", "s"), ("tokens_per_s", "tok/s", ".1f"), ("step_s", "step s", ".3f"),
-                       ("step_vs_peft_lora", "x PEFT LoRA", ".3f"), (mem_key, "peak MB", ".0f"),
-                       ("trainable_params", "trainable", ",d")])
+    print_table(rows, [c for c in [("variant", "variant", "s"), ("tokens_per_s", "tok/s", ".1f"), ("step_s", "step s", ".3f"),
+                       ("step_vs_peft_lora", "x PEFT LoRA", ".3f"), ("step_vs_rlora_N3", "x R-LoRA N3", ".3f"),
+                       (mem_key, "peak MB", ".0f"),
+                       ("trainable_params", "trainable", ",d")] if all(c[0] in r for r in rows)])
     import torch
 
     dev = torch.device(args.device)
-    out = args.out or Path(__file__).parent / "results" / f"train_step-{dev.type}.json"
+    stem = "train_step" if args.variants == "default" else f"train_step-{args.variants.replace(',', '+')}"
+    out = args.out or Path(__file__).parent / "results" / f"{stem}-{dev.type}.json"
     write_json(out, {"device": device_label(dev), **{k: v for k, v in run.items()}, "rows": rows})
     print(f"wrote {out}")
 
