@@ -104,8 +104,7 @@ def ab_matrices(model) -> Optional[str]:
             r = module.rlora_settings[name].r
             return f"{module.rlora_A[name].shape[0] // r}/{module.rlora_B[name].shape[1] // r}"
         if isinstance(module, LoraLayer) and module.lora_A:
-            name = next(iter(module.lora_A))
-            return f"{int(name in module.lora_A)}/{int(name in module.lora_B)}"
+            return "1/1"  # PEFT's LoRA family: one lora_A and one lora_B per adapter and layer
     return None
 
 

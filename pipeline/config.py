@@ -26,7 +26,7 @@ class AdapterSection(_Strict):
     method: Literal["rlora", "lora_moe", "lora", "dora", "adalora", "ia3"] = Field(
         "rlora", description="rlora: the fields below (presets); lora_moe: the same fields, N independent LoRA "
         "experts (A_i, B_i) under the router; otherwise PEFT's method, configured by its own section")
-    preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora", "lora_moe"] = "rlora"
+    preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"] = "rlora"
     r: int = Field(8, ge=1)
     num_heads: int = Field(3, ge=1)
     alpha: float = Field(16.0, gt=0)

@@ -32,8 +32,10 @@ class TrackingError(RuntimeError):
     pass
 
 
-# what a SQL store (sqlite, PostgreSQL, MySQL, MSSQL) says when two writers insert the same unique row;
-# through a tracking server it arrives inside the server's error message
+# what a SQL store (sqlite, PostgreSQL, MySQL, MSSQL) says when two writers insert the same unique row,
+# seen by a process writing to the store directly (sqlite:///, the tests' and `make sweep`'s case).
+# Through a tracking server the dataset race is an HTTP 500 that MLflow's client already retries
+# itself; the experiment race is RESOURCE_ALREADY_EXISTS, matched here.
 _CONFLICT_MARKERS = ("unique constraint", "integrityerror", "duplicate key", "duplicate entry",
                      "resource_already_exists")
 

@@ -1,5 +1,7 @@
 """Head-similarity analysis (paper Fig. 2/5): mean pairwise cosine similarity of the heads
-B_i of every R-LoRA layer, a heatmap across layers and a t-SNE of the heads."""
+B_i of every R-LoRA layer, a heatmap across layers and a t-SNE of the heads. Only layers whose
+heads share one A: with an A_i per head (LoRA-MoE) the B_i live in different bases, and their
+cosine says nothing about how alike the experts' updates are."""
 
 from __future__ import annotations
 
@@ -25,6 +27,10 @@ def mean_pairwise_cosine(heads: torch.Tensor) -> float:
     return float(sim[iu[0], iu[1]].mean())
 
 
+def _shares_down(module: RLoraLayer, adapter_name: str) -> bool:
+    return module.rlora_A[adapter_name].shape[0] == module.rlora_settings[adapter_name].r
+
+
 def _short_name(name: str) -> tuple[int, str]:
     m = _LAYER_INDEX.search(name)
     return (int(m.group(1)) if m else -1), name.rsplit(".", 1)[-1]
@@ -35,7 +41,7 @@ def head_similarity(model: torch.nn.Module, adapter_name: str = "default") -> di
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, RLoraLayer) and adapter_name in module.rlora_B:
-            if module.rlora_settings[adapter_name].num_heads > 1:
+            if module.rlora_settings[adapter_name].num_heads > 1 and _shares_down(module, adapter_name):
                 out[name] = mean_pairwise_cosine(module.head_weights(adapter_name))
     return out
 
@@ -93,7 +99,7 @@ def plot_head_tsne(model: torch.nn.Module, path: str | Path, adapter_name: str =
     groups: dict[str, list[torch.Tensor]] = defaultdict(list)
     head_ids: dict[str, list[int]] = defaultdict(list)
     for name, module in model.named_modules():
-        if isinstance(module, RLoraLayer) and adapter_name in module.rlora_B:
+        if isinstance(module, RLoraLayer) and adapter_name in module.rlora_B and _shares_down(module, adapter_name):
             heads = module.head_weights(adapter_name).detach().float().reshape(module.rlora_settings[adapter_name].num_heads, -1)
             typ = _short_name(name)[1]
             groups[typ].extend(heads)

@@ -4,8 +4,8 @@ Shapes (per adapter): A (r, d_in) shared, B (d_out, N*r) = [B_1 | ... | B_N] sta
 column-wise, router W_r (N, d_in), and the frozen correction factors A0 (r, d_in) and
 B0 (d_out, r) for ``correction='mean'`` (B0 = mean_i B_i at init) or (d_out, N*r) for
 ``'routed'``. With ``down_projection='per_head'`` (LoRA-MoE) A is [A_1; ...; A_N] (N*r, d_in),
-still one GEMM, and the mean correction keeps A0 = A, B0 = B / N. Adapter weights are kept in
-fp32 whatever the base dtype.
+still one GEMM, and both corrections keep the init copies A0 = A, B0 = B (mean: the 1/N applied in
+the forward). Adapter weights are kept in fp32 whatever the base dtype.
 
 Forward for one adapter, with u the concatenated gated, dropped r-vectors::
 
@@ -93,6 +93,8 @@ def fused_delta(
     if settings.correction == "routed" and w is not None:
         h0 = h0.unflatten(-1, (n, r)) if A0.shape[0] != r else h0.unsqueeze(-2)
         c = (h0 * w.unsqueeze(-1)).flatten(-2)
+    elif A0.shape[0] != r:  # mean over experts: (1/N) sum_i B0_i A0_i x
+        c = h0 * (s / n)
     else:
         c = h0 * s
     return F.linear(torch.cat([g, c.neg()], -1), torch.cat([B, B0], 1))
@@ -151,9 +153,7 @@ class RLoraLayer(BaseTunerLayer):
             correction = "mean"  # identical for one head
         if correction != "none":
             self.rlora_A0[adapter_name] = A.clone()
-            if correction == "mean" and per_head_down:  # C = (1/N) sum_i B_i A_i = (B / N) A
-                self.rlora_B0[adapter_name] = (B.double() / n).float()
-            elif correction == "mean":  # rank-r factor of C = (1/N) sum_i B_i A, in fp64 then fp32
+            if correction == "mean" and not per_head_down:  # rank-r factor of C = (1/N) sum_i B_i A, in fp64 then fp32
                 self.rlora_B0[adapter_name] = B.double().view(d_out, n, r).mean(1).float()
             else:
                 self.rlora_B0[adapter_name] = B.clone()

@@ -19,6 +19,7 @@ BAD = [
     ("dropout_mode", "independent"),
     ("router_init", "normal"),
     ("correction", "exact"),
+    ("down_projection", "blocks"),
     ("use_rslora", "yes"),
     ("bias", "all"),
     ("target_modules", []),
@@ -32,10 +33,16 @@ def test_bad_value_raises_value_error_naming_field(field, value):
         RLoraConfig(**{field: value})
 
 
+def test_per_head_down_projection_refuses_a_shared_dropout_mask():
+    with pytest.raises(ValueError, match=r"RLoraConfig\.dropout_mode: must be 'per_head' with down_projection"):
+        RLoraConfig(num_heads=3, down_projection="per_head", dropout_mode="shared")
+    RLoraConfig(num_heads=1, down_projection="per_head", dropout_mode="shared")  # one head: nothing to share
+
+
 def test_defaults_follow_the_paper():
     c = RLoraConfig()
-    assert (c.gamma, c.head_init, c.dropout_mode, c.router_init, c.correction) == (
-        64.0, "random", "per_head", "kaiming", "mean")
+    assert (c.gamma, c.head_init, c.dropout_mode, c.router_init, c.correction, c.down_projection) == (
+        64.0, "random", "per_head", "kaiming", "mean", "shared")
     assert c.target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 

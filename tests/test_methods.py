@@ -132,6 +132,9 @@ def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_mo
     torch.manual_seed(0)
     model = train_steps(adapters.build(base, cfg.adapter), tok, STEPS)
     assert adapters.ab_matrices(model) == "3/3"
+    from rlora.analysis import head_similarity
+
+    assert head_similarity(model) == {}  # experts with their own A_i: no B_i cosine (README)
     ids = torch.arange(5, 37)[None]
     expected = logits(model, ids)
     model.save_pretrained(tmp_path)

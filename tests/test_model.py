@@ -264,6 +264,18 @@ def test_load_refuses_adapter_it_cannot_reproduce(tiny_llama_factory, token_ids,
         assert needle in msg, msg
 
 
+def test_adapter_saved_before_down_projection_existed_loads_exactly(tiny_llama_factory, token_ids, tmp_path):
+    """adapter_config.json files written before the ``down_projection`` field (LoRA-MoE) have no such
+    key: they load as what they were, a shared A, bit for bit."""
+    trained = save_adapter(tiny_llama_factory, tmp_path, token_ids)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    del cfg["down_projection"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    loaded = rlora.from_pretrained(fresh_base(tiny_llama_factory), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids).logits, trained)
+
+
 def test_fresh_base_really_redraws_a_different_adapter(tiny_llama_factory, token_ids, tmp_path, monkeypatch):
     """Guards the guard: with the strict check switched off, a file lacking A0/B0 loads onto
     fresh_base() and gives different logits, so the round-trip tests above compare real loads."""
