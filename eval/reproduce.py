@@ -59,13 +59,17 @@ def _cell(m: Optional[float], s: Optional[float], scale: float = 100.0, digits: 
 
 
 def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """preset -> one record per finished seed: final per-task accuracies, head cosine, early grad norms."""
+    """preset -> one record per finished seed: final per-task accuracies, head cosine, early grad norms.
+    Only R-LoRA runs (``adapter.method: rlora``): the presets are its ablation arms; a run of another
+    method logs the default ``adapter.preset`` too and must not be counted as that arm."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id],
                               f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
     arms: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         preset = r.data.params.get("adapter.preset")
+        if r.data.params.get("adapter.method", "rlora") != "rlora":
+            continue
         if not r.data.tags.get("rlora.trial_id") or preset is None or r.info.status != "FINISHED":
             continue
         m = r.data.metrics

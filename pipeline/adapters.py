@@ -93,7 +93,7 @@ def trainable(model) -> dict[str, float]:
 def ab_matrices(model) -> Optional[str]:
     """The paper's "A/B" column (its Table 3): low-rank down (A) and up (B) projections per adapted
     layer, read off the built model's first adapted layer: R-LoRA and HydraLoRA ``1/N`` (one shared
-    A, a B per head), LoRA, DoRA and AdaLoRA ``1/1``; None for methods without A and B (IA³)."""
+    A, a B per head), LoRA-MoE ``N/N``, LoRA, DoRA and AdaLoRA ``1/1``; None without A and B (IA³)."""
     from peft.tuners.lora import LoraLayer
 
     from rlora.layer import RLoraLayer

@@ -104,3 +104,24 @@ def test_early_grad_norms_are_per_seed_values_with_their_standard_error():
     assert me == pytest.approx(sum(per_seed) / 3)
     assert see == pytest.approx(statistics.stdev(per_seed) / math.sqrt(3))
     assert out["HydraLoRA"]["step1"] == (8.0, None) and out["LoRA"]["step1"] == (None, None)
+
+
+def test_table4_arms_count_only_rlora_runs(tmp_path):
+    """A sweep over adapter.method logs the default adapter.preset on every run: only R-LoRA's runs
+    are preset arms, a LoRA or LoRA-MoE trial is not counted as the 'rlora' arm."""
+    from mlflow import MlflowClient
+
+    from eval.reproduce import collect
+    from pipeline.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri)
+    parent = tracker.start_run("t4", "sweep", {})
+    client = MlflowClient(uri)
+    for i, method in enumerate(["rlora", "lora", "lora_moe", "rlora"]):
+        child = Tracker(uri).start_run("t4", f"trial-{i}", {"adapter": {"preset": "rlora", "method": method}},
+                                       tags={"rlora.trial_id": f"t{i}"}, parent_run_id=parent)
+        client.log_metric(child, "eval/mean_acc", 0.5 + i / 100)
+        client.set_terminated(child)
+    arms = collect(client, parent, ["sst2"])
+    assert list(arms) == ["rlora"] and sorted(a["mean_acc"] for a in arms["rlora"]) == [0.5, 0.53]
