@@ -210,7 +210,9 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     rows = [{"model": name, "run_id": run.info.run_id,
              metric: run.data.metrics.get(metric) if name != "base" else None,
              f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
-             **adapter_cells(run.data.params), **{p: run.data.params.get(p) for p in params},
+             **adapter_cells(run.data.params),
+             **{p: run.data.params.get(p, run.data.tags.get("rlora.adapter") if p == "adapter" else None)
+                for p in params},
              "registry_version": versions.get(name),
              **headline(scores[name])}
             for name, run in targets if name in scores]

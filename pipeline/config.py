@@ -390,11 +390,15 @@ def _field_exists(path: str) -> bool:
 
 
 def set_path(data: dict, path: str, value: Any) -> dict:
+    """``data`` with ``path`` set to ``value``; a mapping value is merged into the section already
+    there (a search dimension ``adapter: {grid: [{method: lora, lora: {r: 24}}, ...]}`` changes
+    those fields of the base adapter and keeps the rest)."""
     node = data
     parts = path.split(".")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
-    node[parts[-1]] = value
+    last = parts[-1]
+    node[last] = deep_merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) else value
     return data
 
 
@@ -424,6 +428,8 @@ class SweepConfig(_Strict):
                 raise ValueError(f"search.{key}: 'grid' needs tune.search_alg: grid")
             if spec.kind != "grid" and self.tune.search_alg == "grid" and spec.kind != "choice":
                 raise ValueError(f"search.{key}: tune.search_alg grid takes only grid/choice dimensions")
+            if self.tune.search_alg != "grid" and any(isinstance(v, dict) for v in spec.values_to_check()):
+                raise ValueError(f"search.{key}: values that are sections (mappings) need tune.search_alg: grid")
         return self
 
 

@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 
+def section_cell(v: Any) -> Any:
+    """A search value for a table cell: a section (mapping) as ``method=lora, lora.r=24``."""
+    if not isinstance(v, dict):
+        return v
+
+    def flat(d, prefix=""):
+        for k, x in d.items():
+            yield from flat(x, f"{prefix}{k}.") if isinstance(x, dict) else [f"{prefix}{k}={x}"]
+
+    return ", ".join(flat(v))
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "–"

@@ -111,7 +111,7 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     else:
         t.start_run(ctx["experiment"], f"trial-{trial_id}", cfg.model_dump(mode="json"),
                     tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx["sweep_name"], "rlora.seeds": str(ctx["seeds"]),
-                          "rlora.method": cfg.adapter.method,
+                          "rlora.method": cfg.adapter.method, "rlora.adapter": cfg.adapter.label,
                           **({"rlora.preset": cfg.adapter.tuner_preset} if cfg.adapter.uses_rlora else {})},
                     parent_run_id=ctx["parent_run_id"])
     outs = []
@@ -249,7 +249,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
     """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
     (``base``: the base model's per-example held-out table, for the Δ-vs-base column)."""
-    from pipeline.reports import adapter_cells, plot_objective_vs_params, trials_table
+    from pipeline.reports import adapter_cells, plot_objective_vs_params, section_cell, trials_table
 
     rows = []
     for r in results:
@@ -275,7 +275,7 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
                      "setup_s": metrics.get("time/setup_s"),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
-                     **cells, **{k: r.config.get(k) for k in cfg.search}})
+                     **cells, **{k: section_cell(r.config.get(k)) for k in cfg.search}})
         rows[-1][f"{cfg.tune.metric}_stderr"] = metrics.get(f"{cfg.tune.metric}_stderr") if obj is not None else None
     ok = [row for row in rows if row[cfg.tune.metric] is not None and not math.isnan(row[cfg.tune.metric])
           and row["status"] != "ERROR"]

@@ -254,6 +254,30 @@ def test_method_fields_are_search_dimensions(tmp_path, tiny_model_dir):
     assert "search.adapter.lora.r: value 'x' is invalid" in str(e.value), str(e.value)
 
 
+def test_whole_adapter_sections_are_one_search_dimension(tmp_path, tiny_model_dir):
+    """search.adapter with mappings as values (a baselines grid: each method with its own fields):
+    each value is merged into the base adapter, checked like a full run config, and grid-only."""
+    from test_sweep import sweep_yaml
+
+    from pipeline.config import load_sweep_config
+    from pipeline.sweep import trial_run_config
+
+    grid = [{"method": "rlora", "preset": "hydralora"}, {"method": "lora", "lora": {"r": 24}}, {"method": "lora_moe"}]
+    path = sweep_yaml(tmp_path, tiny_model_dir, search={"adapter": {"grid": grid}}, tune={"search_alg": "grid"})
+    cfg = load_sweep_config(path)
+    base = cfg.base.model_dump(mode="json")
+    built = [trial_run_config(base, {"adapter": v}, {"experiment": "e", "trial_name": "t"}).adapter for v in grid]
+    assert [a.label for a in built] == ["hydralora-N2-r4", "lora-r24", "lora_moe-N2-r4"]
+    assert all(a.target_modules == cfg.base.adapter.target_modules for a in built)  # the rest of the base kept
+    bad = [{"method": "lora", "lora": {"rr": 24}}]
+    with pytest.raises(ConfigError) as e:
+        load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={"adapter": {"grid": bad}}, tune={"search_alg": "grid"}))
+    assert "search.adapter: value" in str(e.value) and "rr: not a field of peft.LoraConfig" in str(e.value), str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search={"adapter": {"choice": grid}}))
+    assert "need tune.search_alg: grid" in str(e.value), str(e.value)
+
+
 @pytest.mark.slow
 def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     """adapter.method as the search dimension: each trial trains its method through Ray Tune + Train,
@@ -263,14 +287,16 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     from pipeline import adapters
     from pipeline.models import load_model
 
-    search = {"adapter.method": {"grid": ["rlora", "lora", "ia3", "lora_moe"]}}
+    # one dimension over whole adapter sections; lora's r from the grid, its lora_alpha from the base
+    search = {"adapter": {"grid": [{"method": "rlora"}, {"method": "lora", "lora": {"r": 3}}, {"method": "ia3"},
+                                   {"method": "lora_moe"}]}}
     path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
                       tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
                       eval_={"top_k": 4, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
                              "registry_name": "t-methods"})
     data = __import__("yaml").safe_load(path.read_text())
     data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
-                                    "lora": {"r": 3}, "ia3": {"feedforward_modules": ["down_proj"]}})
+                                    "lora": {"r": 5, "lora_alpha": 10}, "ia3": {"feedforward_modules": ["down_proj"]}})
     path.write_text(__import__("yaml").safe_dump(data))
     proc = cli([str(path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,6 +304,7 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     by_method = {c.data.tags["rlora.method"]: c for c in children}
     assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe"} and all(c.info.status == "FINISHED" for c in children)
     assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
+    assert by_method["lora"].data.params["resolved.peft.lora_alpha"] == "10"  # merged into the base section
     assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
     assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
     versions = client.search_model_versions("name = 't-methods'")
@@ -296,6 +323,9 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
         assert (trial["% params"], trial["A/B"]) == (pct, ab), method
         row = comparison[comparison["run_id"] == run.info.run_id].iloc[0]
         assert (row["% params"], row["A/B"]) == (pct, ab), method
+    lora_run = by_method["lora"].info.run_id  # the section as the trials table's cell, the label in the comparison
+    assert trials[trials["mlflow_run"] == lora_run].iloc[0]["adapter"] == "method=lora, lora.r=3"
+    assert comparison[comparison["run_id"] == lora_run].iloc[0]["adapter"] == "lora-r3"
     for method, run in by_method.items():
         assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
         d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))

@@ -520,9 +520,16 @@ def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, capsy
 def test_shipped_sweep_files_validate():
     from pipeline.config import load_sweep_config
 
-    for name in ("smoke", "heads_gamma", "ablation"):
+    for name in ("smoke", "heads_gamma", "ablation", "baselines"):
         cfg = load_sweep_config(ROOT / "sweeps" / f"{name}.yaml")
         assert cfg.name == name and cfg.search
+    from pipeline.sweep import trial_run_config
+
+    bl = load_sweep_config(ROOT / "sweeps" / "baselines.yaml")
+    labels = [trial_run_config(bl.base.model_dump(mode="json"), {"adapter": v}, {"experiment": "e", "trial_name": "t"})
+              .adapter.label for v in bl.search["adapter"].grid]
+    assert labels == ["rlora-N3-r8", "hydralora-N3-r8", "lora_moe-N3-r8", "lora-r8", "lora-r24", "dora-r8",
+                      "adalora-r12", "ia3"]
     ab = load_sweep_config(ROOT / "sweeps" / "ablation.yaml")
     assert ab.search["adapter.preset"].grid == ["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"]
     assert ab.search["train.seed"].grid == [0, 1, 2]
