@@ -15,9 +15,11 @@ def section_cell(v: Any) -> Any:
 
     def flat(d, prefix=""):
         for k, x in d.items():
-            yield from flat(x, f"{prefix}{k}.") if isinstance(x, dict) else [f"{prefix}{k}={x}"]
+            yield from flat(x, f"{prefix}{k}.") if isinstance(x, dict) else [(f"{prefix}{k}", x)]
 
-    return ", ".join(flat(v))
+    # Tune hands the mapping back with its keys reordered: method and preset first, the rest by name
+    items = sorted(flat(v), key=lambda kv: (kv[0] not in ("method", "preset"), kv[0] != "method", kv[0]))
+    return ", ".join(f"{k}={x}" for k, x in items)
 
 
 def _fmt(v: Any) -> str:
