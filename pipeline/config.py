@@ -72,6 +72,12 @@ class AdapterSection(_Strict):
         return "lora_moe" if self.method == "lora_moe" else self.preset
 
     @property
+    def tags(self) -> dict[str, str]:
+        """The run tags naming the adapter: its method, label and (this project's tuner) preset."""
+        return {"rlora.method": self.method, "rlora.adapter": self.label,
+                **({"rlora.preset": self.tuner_preset} if self.uses_rlora else {})}
+
+    @property
     def label(self) -> str:
         """Short name of the adapter (run names, tags)."""
         if self.uses_rlora:

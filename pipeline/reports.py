@@ -18,7 +18,8 @@ def section_cell(v: Any) -> Any:
             yield from flat(x, f"{prefix}{k}.") if isinstance(x, dict) else [(f"{prefix}{k}", x)]
 
     # Tune hands the mapping back with its keys reordered: method and preset first, the rest by name
-    items = sorted(flat(v), key=lambda kv: (kv[0] not in ("method", "preset"), kv[0] != "method", kv[0]))
+    first = {"method": 0, "preset": 1}
+    items = sorted(flat(v), key=lambda kv: (first.get(kv[0], 2), kv[0]))
     return ", ".join(f"{k}={x}" for k, x in items)
 
 

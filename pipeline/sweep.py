@@ -111,8 +111,7 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     else:
         t.start_run(ctx["experiment"], f"trial-{trial_id}", cfg.model_dump(mode="json"),
                     tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx["sweep_name"], "rlora.seeds": str(ctx["seeds"]),
-                          "rlora.method": cfg.adapter.method, "rlora.adapter": cfg.adapter.label,
-                          **({"rlora.preset": cfg.adapter.tuner_preset} if cfg.adapter.uses_rlora else {})},
+                          **cfg.adapter.tags},
                     parent_run_id=ctx["parent_run_id"])
     outs = []
     for k in range(ctx["seeds"]):

@@ -409,10 +409,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
         "rlora" if cfg.adapter.uses_rlora else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
         "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
-    tags = {"config_file": config_path or "", "rlora.method": cfg.adapter.method, "rlora.adapter": cfg.adapter.label,
-            **(extra_tags or {})}
-    if cfg.adapter.uses_rlora:
-        tags["rlora.preset"] = cfg.adapter.tuner_preset
+    tags = {"config_file": config_path or "", **cfg.adapter.tags, **(extra_tags or {})}
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
         run_id = tracker.run_id = existing
