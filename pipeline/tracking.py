@@ -201,12 +201,15 @@ class Tracker:
 
     def finish_model(self, model_id: str, local_dir: str | os.PathLike, step: int) -> None:
         """Upload ``local_dir`` as the model's files, mark it READY and record it as the run's output
-        (``models:/<model_id>`` loads it)."""
+        (``models:/<model_id>`` loads it). Idempotent: a run finished again (a trial that --resume
+        reruns after its run had ended, reusing its model) keeps its one output record."""
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
         self.client.log_model_artifacts(model_id, str(local_dir))
         self.client.finalize_logged_model(model_id, LoggedModelStatus.READY)
-        self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
+        outputs = self.client.get_run(self.run_id).outputs
+        if not any(o.model_id == model_id for o in (outputs.model_outputs if outputs else [])):
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step)])
 
     def share_view(self, experiment_id: str, key: str, state: Mapping[str, Any]) -> str:
         """A view of the experiment's runs table (columns, expanded parents, sort order) stored the

@@ -242,3 +242,33 @@ def test_trainer_state_round_trips_and_pickled_objects_are_refused(tmp_path):
     torch.save({"step": 1, "optimizer": opt.state_dict(), "extra": _Payload()}, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="refusing"):
         load_trainer_state(tmp_path / "bad.pt")
+
+
+@pytest.mark.slow
+def test_a_finished_trial_run_again_finishes_again_without_retraining(tmp_path, tiny_model_dir):
+    """What --resume does when Ctrl-C lands between a trial's run finishing and Tune recording its
+    last report: the trial function runs again on the same child run and Train storage. It must
+    end FINISHED with its one model output and no step trained twice (it failed on the duplicate
+    run -> model output record, leaving the trial errored and its run unfinished)."""
+    cfg = write_yaml(tmp_path, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0})
+    code = f"""
+import json
+from pipeline.config import load_run_config
+from pipeline.train import run_training
+cfg = load_run_config({str(cfg)!r}, [])
+outs = [run_training(cfg, quiet=True, trial_id="t1", train_name="trial-t1", storage_path={str(tmp_path / 'ray')!r})
+        for _ in range(2)]
+print(json.dumps([[o["run_id"], o["metrics"].get("step")] for o in outs]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (first, step1), (second, step2) = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert first == second and step1 == step2 == 8
+    client, run, _ = only_run(tmp_path)
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert [m.step for m in run.outputs.model_outputs] == [8]
+    from mlflow.entities import LoggedModelStatus
+
+    assert client.get_logged_model(run.outputs.model_outputs[0].model_id).status == LoggedModelStatus.READY
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 9))
