@@ -153,6 +153,7 @@ def measure(model, params, variant: str, batch: int, seq: int, steps: int, devic
     times.sort()
     med = times[len(times) // 2]
     row = {"variant": variant, "precision": precision, "step_s": med, "tokens_per_s": batch * seq / med,
+           "step_s_q1": times[len(times) // 4], "step_s_q3": times[(3 * len(times)) // 4], "step_times_s": times,
            "trainable_params": sum(p.numel() for p in params)}
     if cuda:
         row["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -168,6 +169,18 @@ def one(variant: str, batch: int, seq: int, steps: int, threads: int, device: st
     torch.set_num_threads(threads)
     built, params = build_variant(variant, load_base(model, precision, device), checkpointing)
     return {**measure(built, params, variant, batch, seq, steps, device, precision), "checkpointing": checkpointing}
+
+
+def add_ratio(row: dict, ref: dict, key: str) -> None:
+    """``row[key]``: the ratio of median step times, with its range from the quartiles of both
+    (``key_lo`` = row's Q1 / ref's Q3, ``key_hi`` = row's Q3 / ref's Q1); ``key_range`` as text, and
+    ``key_resolved``: False when the range includes 1 (the two are not told apart by these steps)."""
+    row[key] = row["step_s"] / ref["step_s"]
+    if "step_s_q1" in row and "step_s_q1" in ref:
+        lo, hi = row["step_s_q1"] / ref["step_s_q3"], row["step_s_q3"] / ref["step_s_q1"]
+        row[f"{key}_lo"], row[f"{key}_hi"] = lo, hi
+        row[f"{key}_range"] = f"{lo:.2f}–{hi:.2f}" if row is not ref else "–"
+        row[f"{key}_resolved"] = row is not ref and not lo <= 1.0 <= hi
 
 
 def main(argv=None):
@@ -209,14 +222,14 @@ def main(argv=None):
         print(f"{v:10s} {rows[-1]['tokens_per_s']:8.1f} tok/s  peak memory {mem:7.0f} MB", flush=True)
     by = {r["variant"]: r for r in rows}
     for r in rows:
-        if "peft_lora" in by:
-            r["step_vs_peft_lora"] = r["step_s"] / by["peft_lora"]["step_s"]
-        if "rlora_N3" in by:
-            r["step_vs_rlora_N3"] = r["step_s"] / by["rlora_N3"]["step_s"]
+        for ref, key in (("peft_lora", "step_vs_peft_lora"), ("rlora_N3", "step_vs_rlora_N3")):
+            if ref in by:
+                add_ratio(r, by[ref], key)
     mem_key = "peak_rss_mb" if args.device == "cpu" else "peak_mem_mb"
     print()
     print_table(rows, [c for c in [("variant", "variant", "s"), ("tokens_per_s", "tok/s", ".1f"), ("step_s", "step s", ".3f"),
                        ("step_vs_peft_lora", "x PEFT LoRA", ".3f"), ("step_vs_rlora_N3", "x R-LoRA N3", ".3f"),
+                       ("step_vs_rlora_N3_range", "x R-LoRA N3 (Q1–Q3)", "s"),
                        (mem_key, "peak MB", ".0f"),
                        ("trainable_params", "trainable", ",d")] if all(c[0] in r for r in rows)])
     import torch

@@ -1,0 +1,40 @@
+"""The training-step benchmark: every method variant builds and steps, and its cost ratios carry a
+range that decides whether a difference is resolved."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ratio_range_from_quartiles_decides_resolved():
+    from benchmarks.train_step import add_ratio
+
+    ref = {"step_s": 1.0, "step_s_q1": 0.9, "step_s_q3": 1.1}
+    slower = {"step_s": 1.5, "step_s_q1": 1.4, "step_s_q3": 1.6}
+    overlapping = {"step_s": 1.05, "step_s_q1": 0.95, "step_s_q3": 1.2}
+    for row in (ref, slower, overlapping):
+        add_ratio(row, ref, "x")
+    assert abs(slower["x_lo"] - 1.4 / 1.1) < 1e-12 and abs(slower["x_hi"] - 1.6 / 0.9) < 1e-12
+    assert slower["x_lo"] <= slower["x"] <= slower["x_hi"] and slower["x_resolved"]
+    assert overlapping["x_lo"] < 1.0 < overlapping["x_hi"] and not overlapping["x_resolved"]
+    assert ref["x"] == 1.0 and not ref["x_resolved"] and ref["x_range"] == "–"
+
+
+def test_method_variants_step_on_a_tiny_architecture(tmp_path):
+    out = tmp_path / "ts.json"
+    variants = ["base", "peft_adalora", "peft_ia3", "rlora_N3", "lora_moe_N3"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--model", "arch:tiny", "--batch", "2",
+                           "--seq", "16", "--steps", "3", "--variants", ",".join(variants), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == variants
+    for r in rows.values():
+        assert len(r["step_times_s"]) == 3 and r["step_s_q1"] <= r["step_s"] <= r["step_s_q3"]
+        assert r["step_vs_rlora_N3_lo"] <= r["step_vs_rlora_N3"] <= r["step_vs_rlora_N3_hi"]
+    # trainable parameters as built: LoRA-MoE has N down projections where R-LoRA shares one
+    assert rows["lora_moe_N3"]["trainable_params"] > rows["rlora_N3"]["trainable_params"]
+    assert rows["peft_ia3"]["trainable_params"] < rows["rlora_N3"]["trainable_params"]
