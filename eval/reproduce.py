@@ -14,7 +14,8 @@ report, logged to the sweep's MLflow parent run under ``reproduce/``:
 - one sentence per claim of the paper: reproduced / not resolved at this size / contradicted.
 
 It reports what it measures, whether or not that agrees with the paper. ``--from-sweep`` builds
-the report from an ablation sweep that already ran.
+the report from an ablation sweep that already ran. ``--table baselines`` reports a sweep over
+adapter methods instead (``sweeps/baselines.yaml``; eval/baselines.py).
 """
 
 from __future__ import annotations
@@ -318,9 +319,14 @@ def main(argv=None) -> int:
 
     ap = base_parser("python -m eval.reproduce", __doc__, "ablation sweep YAML", "base.train.steps=60",
                      config_default="sweeps/ablation.yaml")
-    ap.add_argument("--from-sweep", default=None, metavar="RUN_ID", help="report on an ablation sweep that already ran")
+    ap.add_argument("--table", choices=["table4", "baselines"], default="table4",
+                    help="table4: the five-arm ablation (default); baselines: every adapter of the sweep against "
+                         "R-LoRA in the layout of Tables 2/3 (eval/baselines.py; default config sweeps/baselines.yaml)")
+    ap.add_argument("--from-sweep", default=None, metavar="RUN_ID", help="report on a sweep that already ran")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    if args.table == "baselines" and args.config == ap.get_default("config"):
+        args.config = "sweeps/baselines.yaml"
     from pipeline.config import load_sweep_config
     from pipeline.data.tasks import resolve_tasks
     from pipeline.sweep import run_sweep
@@ -342,8 +348,15 @@ def main(argv=None) -> int:
         return fail(e)
     out_dir = args.out or Path("outputs") / "reproduce" / parent
     note = (f"{cfg.base.model}, mixture {cfg.base.data.tasks}, {cfg.base.train.steps} steps × batch "
-            f"{cfg.base.train.batch_size}, r={cfg.base.adapter.r}, N={cfg.base.adapter.num_heads} heads "
-            f"(LoRA: 1), γ={cfg.base.adapter.gamma}, {cfg.base.data.eval_per_task} held-out examples per task.")
+            f"{cfg.base.train.batch_size}, {cfg.base.data.eval_per_task} held-out examples per task")
+    if args.table == "baselines":
+        from eval import baselines
+
+        res = baselines.write_report(uri, parent, tasks, out_dir, wall, note + f", {cfg.tune.seeds} seed(s) per adapter.")
+        print(Path(res["report"]).read_text())
+        print(f"wrote {res['report']} (logged to MLflow run {parent} under reproduce/)")
+        return 0
+    note += (f", r={cfg.base.adapter.r}, N={cfg.base.adapter.num_heads} heads (LoRA: 1), γ={cfg.base.adapter.gamma}.")
     res = write_report(uri, parent, tasks, out_dir, wall, note)
     print(Path(res["report"]).read_text())
     print(f"wrote {res['report']} (logged to MLflow run {parent} under reproduce/)")

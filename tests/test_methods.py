@@ -1,11 +1,17 @@
 """PEFT's own methods as run adapters (adapter.method): built from the typed schema, trained a few
 steps on the tiny model, saved, reloaded strictly on a fresh base, scored by the eval harness."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ConfigError, load_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3"]
 STEPS = 6
@@ -326,6 +332,29 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     lora_run = by_method["lora"].info.run_id  # the section as the trials table's cell, the label in the comparison
     assert trials[trials["mlflow_run"] == lora_run].iloc[0]["adapter"] == "method=lora, lora.r=3"
     assert comparison[comparison["run_id"] == lora_run].iloc[0]["adapter"] == "lora-r3"
+    # the baselines report (Tables 2/3 layout) from this sweep: a row per adapter with the run's own
+    # held-out score, % params, A/B and median training throughput, each compared with R-LoRA
+    import statistics
+
+    rep = subprocess.run([sys.executable, "-m", "eval.reproduce", str(path), "--table", "baselines", "--from-sweep",
+                          parent, "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    report = pd.read_csv(tmp_path / "rep" / "baselines.csv", dtype=str).set_index("adapter")
+    assert "reproduce/baselines.csv" in {a.path for a in client.list_artifacts(parent, "reproduce")}
+    reference = by_method["rlora"].data.tags["rlora.adapter"]
+    for method, run in by_method.items():
+        row = report.loc[run.data.tags["rlora.adapter"]]
+        m, p = run.data.metrics, run.data.params
+        assert row["Avg"].startswith(f"{100 * m['eval/mean_acc']:.1f} ± "), method
+        assert (row["% params"], row["A/B"]) == (f"{float(p['adapter.trainable_pct']):.3g}",
+                                                 "–" if method == "ia3" else p["adapter.ab_matrices"]), method
+        tps = statistics.median(h.value for h in client.get_metric_history(run.info.run_id, "train/tokens_per_s"))
+        assert row["tokens/s"] == f"{tps:.0f}", method
+        if method == "rlora":
+            assert row["Δ vs R-LoRA"] == "–"
+        else:  # a paired difference with its interval, or the same examples' outcomes (+0.0 [+0.0, +0.0])
+            assert row["Δ vs R-LoRA"].startswith(("+", "-")) and "[" in row["Δ vs R-LoRA"], method
+    assert reference in report.index
     for method, run in by_method.items():
         assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
         d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))

@@ -391,6 +391,18 @@ def test_seeds_rank_each_configuration_by_its_mean_over_seeds(tmp_path, tiny_mod
         assert "adapter" in {a.path for a in client.list_artifacts(trial.info.run_id)}
     chosen = next(c for c in trials if c.info.run_id == parents[0].data.tags["best_run"])
     assert chosen.data.metrics["eval/mean_acc"] == max(c.data.metrics["eval/mean_acc"] for c in trials)  # ties
+    # the baselines report counts each trial's nested seed runs, one record per seed: its Avg cell is
+    # the trial's own seed mean ± standard error (seeds and examples)
+    from eval.baselines import collect, table
+
+    arms = collect(client, parents[0].info.run_id, ["sst2", "boolq"])
+    _, rows, _ = table(arms, ["sst2", "boolq"])
+    for trial in trials:
+        label, tid = trial.data.tags["rlora.adapter"], trial.data.tags["rlora.trial_id"]
+        row = next(r for r in rows if r["adapter"] in (label, f"{label} [{tid}]"))
+        m = trial.data.metrics
+        assert row["seeds"] == 2
+        assert row["Avg"] == f"{100 * m['eval/mean_acc']:.1f} ± {100 * m['eval/mean_acc_stderr']:.1f}"
 
 
 @pytest.mark.slow
