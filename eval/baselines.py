@@ -16,9 +16,6 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-REFERENCE = "rlora"  # the row every other one is compared with: adapter.method rlora, preset rlora
-
-
 def _records(client, run) -> list:
     """The runs that hold one seed each: the trial itself, or its nested seed runs."""
     seed_runs = run.data.tags.get("rlora.seed_runs")
@@ -32,7 +29,8 @@ def _tokens_per_s(client, run_id: str) -> Optional[float]:
 
 def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
-    tokens/s); the label of the R-LoRA reference row under the key ``REFERENCE`` in each record."""
+    tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
+    row every other one is compared with)."""
     from pipeline.tracking import run_examples
 
     parent = client.get_run(parent_run_id)
