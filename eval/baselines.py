@@ -31,13 +31,9 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
     tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
     row every other one is compared with)."""
-    from pipeline.tracking import run_examples
+    from eval.reproduce import seed_record, sweep_trials
 
-    parent = client.get_run(parent_run_id)
-    trials = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                max_results=1000)
-    trials = [t for t in trials if t.data.tags.get("rlora.trial_id") and t.data.tags.get("rlora.adapter")
-              and t.info.status == "FINISHED"]
+    trials = [t for t in sweep_trials(client, parent_run_id) if t.data.tags.get("rlora.adapter")]
     labels = [t.data.tags["rlora.adapter"] for t in trials]
     arms: dict[str, list[dict[str, Any]]] = {}
     for trial, label in zip(trials, labels):
@@ -46,12 +42,10 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
         for r in _records(client, trial):
             if r.info.status != "FINISHED":
                 continue
-            p, m = r.data.params, r.data.metrics
+            p = r.data.params
             arms.setdefault(label, []).append({
-                "run_id": r.info.run_id, "seed": p.get("train.seed"),
+                **seed_record(client, r, tasks),
                 "reference": p.get("adapter.method") == "rlora" and p.get("adapter.preset") == "rlora",
-                "examples": run_examples(client, r.info.run_id, "heldout").get("heldout"),
-                "acc": {t: m.get(f"eval/{t}/acc") for t in tasks}, "mean_acc": m.get("eval/mean_acc"),
                 "pct": float(p["adapter.trainable_pct"]) if p.get("adapter.trainable_pct") else None,
                 "ab": p.get("adapter.ab_matrices"), "tokens_per_s": _tokens_per_s(client, r.info.run_id)})
     return arms

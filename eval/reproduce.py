@@ -59,29 +59,36 @@ def _cell(m: Optional[float], s: Optional[float], scale: float = 100.0, digits: 
     return f"{m * scale:.{digits}f}" + ("" if s is None else f" ± {s * scale:.{digits}f}")
 
 
+def sweep_trials(client, parent_run_id: str) -> list:
+    """The sweep's finished trial runs (its direct children with a trial id)."""
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
+    return [r for r in runs if r.data.tags.get("rlora.trial_id") and r.info.status == "FINISHED"]
+
+
+def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
+    """One seed's held-out results: per-example table, per-task and macro accuracy, its seed."""
+    from pipeline.tracking import run_examples
+
+    m = run.data.metrics
+    return {"examples": run_examples(client, run.info.run_id, "heldout").get("heldout"),
+            "run_id": run.info.run_id, "seed": run.data.params.get("train.seed"),
+            "acc": {t: m.get(f"eval/{t}/acc") for t in tasks}, "mean_acc": m.get("eval/mean_acc")}
+
+
 def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
     """preset -> one record per finished seed: final per-task accuracies, head cosine, early grad norms.
     Only R-LoRA runs (``adapter.method: rlora``): the presets are its ablation arms; a run of another
     method logs the default ``adapter.preset`` too and must not be counted as that arm."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
     arms: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
+    for r in sweep_trials(client, parent_run_id):
         preset = r.data.params.get("adapter.preset")
-        if r.data.params.get("adapter.method", "rlora") != "rlora":
+        if r.data.params.get("adapter.method", "rlora") != "rlora" or preset is None:
             continue
-        if not r.data.tags.get("rlora.trial_id") or preset is None or r.info.status != "FINISHED":
-            continue
-        m = r.data.metrics
         hist = sorted(client.get_metric_history(r.info.run_id, "train/grad_norm"), key=lambda x: x.step)
-        from pipeline.tracking import run_examples
-
         arms.setdefault(preset, []).append({
-            "examples": run_examples(client, r.info.run_id, "heldout").get("heldout"),
-            "run_id": r.info.run_id, "seed": r.data.params.get("train.seed"),
-            "acc": {t: m.get(f"eval/{t}/acc") for t in tasks}, "mean_acc": m.get("eval/mean_acc"),
-            "head_cos": m.get("head_cos/mean"),
+            **seed_record(client, r, tasks), "head_cos": r.data.metrics.get("head_cos/mean"),
             "grad_norm": [(h.step, h.value) for h in hist if h.step <= EARLY_STEPS],
         })
     return arms
