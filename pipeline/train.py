@@ -161,6 +161,19 @@ def load_trainer_state(path: Path, device="cpu") -> dict:
                               f"containers ({str(e).splitlines()[0][:200]})") from None
 
 
+def _process_start() -> float:
+    """When this process started (epoch seconds): the worker's spawn, before its imports."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except ImportError:  # Linux without psutil: /proc
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     """The RNG seed of one training step on one rank (its dropout masks). Drawn afresh every step,
     so a run resumed from a checkpoint draws exactly the masks the uninterrupted run drew, and
@@ -192,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.tracking import Tracker
 
     t_enter = time.perf_counter()
+    stamps = {"time/at/worker_process": _process_start(), "time/at/enter": time.time()}
     cfg = RunConfig.model_validate(loop_config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -202,6 +216,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision, accum = cfg.train.precision, cfg.train.grad_accum
 
     base, tok = load_model(loop_config["model_path"], dtype=load_dtype(precision))
+    stamps["time/at/model"] = time.time()
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(base)
     torch.manual_seed(cfg.train.seed)  # same init on every rank; DDP also broadcasts rank 0's
@@ -220,12 +235,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             sched.load_state_dict(state["scheduler"])
             start = int(state["step"])
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    stamps["time/at/adapter"] = time.time()
 
     mix = build_mixture(cfg.data.tasks, cfg.data.train_per_task, cfg.data.eval_per_task, cfg.data.seed,
                         cfg.data.data_dir)
     encoded = [encode_example(tok, ex, cfg.data.max_length) for ex in mix.train]
     stream = LengthAwareBatches(encoded, cfg.train.batch_size, tok.pad_token_id, seed=cfg.train.seed)
     batches = stream.for_rank(rank, world, skip_steps=start * accum)
+    stamps["time/at/data"] = time.time()
 
     tracker = Tracker(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
     if tracker and start == 0:
@@ -245,6 +262,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                           "device": str(device)})
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
+    stamps["time/at/tracking"] = time.time()
     if start == 0 and cfg.train.eval_at_start:
         with autocast(precision, device):
             evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
@@ -252,7 +270,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracker.log_metrics(evals, step=0, model_id=loop_config.get("model_id"))
             _log_examples(tracker, table, 0)
     t_last = t_loop = time.perf_counter()
-    timing = {"time/setup_s": t_loop - t_enter}
+    stamps["time/at/loop"] = time.time()
+    timing = {"time/setup_s": t_loop - t_enter, **stamps}
     for step in range(start + 1, cfg.train.steps + 1):
         torch.manual_seed(step_seed(cfg.train.seed, step, rank))
         ddp_model.train()
@@ -297,6 +316,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tracker.log_metrics(evals, step=step, model_id=loop_config.get("model_id"))
                 _log_examples(tracker, table, step)
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
+        metrics["time/at/report"] = time.time()
         if rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(model, opt, sched, step, Path(tmp), final)
@@ -388,11 +408,12 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     Raises on failure (``FloatingPointError`` when the loss diverged). Inside a sweep trial,
     ``trial_id`` makes the MLflow child run unique per trial: a trial restarted after the
     driver died logs into its existing run instead of creating a second one."""
+    t_start = time.time()
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import adapters
+    from pipeline import adapters, timeline
     from pipeline.models import resolve_model
     from pipeline.tracking import Tracker, check_reachable, plot_curves, resolve_tracking_uri
 
@@ -409,11 +430,14 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
         "rlora" if cfg.adapter.uses_rlora else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
         "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
-    tags = {"config_file": config_path or "", **cfg.adapter.tags, **(extra_tags or {})}
+    # the process driving the run (in a sweep: the trial's actor, reused by later trials)
+    tags = {"config_file": config_path or "", "ray.driver_pid": str(os.getpid()), **cfg.adapter.tags,
+            **(extra_tags or {})}
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
         run_id = tracker.run_id = existing
         tracker.client.update_run(run_id, status="RUNNING")
+        tracker.set_tags({"ray.driver_pid": tags["ray.driver_pid"]})
     else:
         if trial_id:
             tags["rlora.trial_id"] = trial_id
@@ -447,7 +471,8 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         if not isinstance(e, KeyboardInterrupt):  # interrupted: --resume continues with this model
             tracker.client.finalize_logged_model(model_id, "FAILED")
         raise
-    wall = time.time() - t0
+    t_fit_end = time.time()
+    wall = t_fit_end - t0
     nan_step = tracker.client.get_run(run_id).data.tags.get("nan_loss_step")  # set by rank 0
     failure = None
     if nan_step is not None:
@@ -472,9 +497,11 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
                          title=run_name)
     if curves:
         tracker.log_artifact(curves, "figures")
-    tracker.log_metrics({"train/wall_s": wall}, step=cfg.train.steps)
-    tracker.finish("FINISHED")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics.update(timeline.metrics({**metrics, "start": t_start, "fit": t0, "fit_end": t_fit_end, "done": time.time()}))
+    tracker.log_metrics({"train/wall_s": wall, **{k: v for k, v in metrics.items() if k.startswith("time/")
+                                                  and not k.startswith(timeline.PREFIX)}}, step=cfg.train.steps)
+    tracker.finish("FINISHED")
     (final_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return {"run_id": run_id, "metrics": metrics, "adapter_dir": str(final_dir / "adapter"),
             "result_dir": str(final_dir), "wall_s": wall}

@@ -72,6 +72,22 @@ def check_two_worker_ddp_run_is_complete_in_mlflow(tmp_path, tiny_model_dir):
     figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert {"figures/head_similarity.png", "figures/curves.png"} <= figs
     assert not (ROOT / "mlruns").exists()
+    check_phases(run)
+
+
+def check_phases(run):
+    """The run's wall time split into phases (pipeline.timeline): every phase measured, none
+    negative, and together they span the run (MLflow's start and end, from the driver's first
+    phase on: the run is created inside it)."""
+    from pipeline.timeline import PHASES, STARTUP
+
+    m = run.data.metrics
+    phases = {k: m[f"time/phase/{k}_s"] for k in PHASES}
+    assert all(v >= 0 for v in phases.values()), phases
+    assert phases["worker_init"] > 0.5 and phases["loop"] > 0, phases  # imports; 8 steps
+    span = (run.info.end_time - run.info.start_time) / 1e3
+    assert span - 0.5 <= sum(phases.values()) <= span + phases["driver"] + 0.5, (span, phases)
+    assert m["time/startup_s"] == pytest.approx(sum(phases[k] for k in STARTUP))
 
 
 def check_examples_and_stderr(client, run, tmp_path, steps, n_per_task):

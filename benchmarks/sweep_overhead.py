@@ -1,0 +1,136 @@
+"""``python -m benchmarks.sweep_overhead [sweep.yaml] [--set key=value ...]``: where a sweep's
+slot-time goes.
+
+Runs the sweep (``python -m pipeline.sweep``, eval stage off, a fresh sqlite store and output
+directory), then reads every trial's phase times (``time/phase/*``, see ``pipeline.timeline``) from
+its MLflow run and splits the slot-time (slots x sweep wall time) into: the sweep's own set-up
+before the first trial (Ray start, parent run, Tune), each trial phase summed over trials (start-up:
+driver, Ray Train, worker init, model, adapter, data, tracking; training loop; finish and upload),
+between-trial gaps of busy slots (Tune's trial start/stop), idle slots while fewer trials than
+slots run, and the summary after the last trial. ``--before KEY=VALUE`` adds a second arm with
+those overrides (e.g. ``tune.reuse_actors=false``); ``--repeats`` runs each arm that many times,
+alternating, and the table shows mean ± standard error over the repeats. Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import print_table, write_json
+
+
+def slot_breakdown(parent: tuple[float, float], trials: list[dict], slots: int) -> dict[str, float]:
+    """Seconds of slot-time per category. ``parent``: the sweep's (start, end) (epoch s);
+    ``trials``: ``{"span": (start, end), "phases": {name: s}}`` per trial."""
+    first = min(t["span"][0] for t in trials)
+    last = max(t["span"][1] for t in trials)
+    out = {"sweep set-up (before the first trial)": slots * (first - parent[0])}
+    names = {k for t in trials for k in t["phases"]}
+    from pipeline.timeline import PHASES
+
+    for name in [p for p in PHASES if p in names]:
+        out[f"trial: {name}"] = sum(t["phases"].get(name, 0.0) for t in trials)
+    in_trials = sum(t["span"][1] - t["span"][0] for t in trials)
+    out["trial: unaccounted"] = in_trials - sum(v for k, v in out.items() if k.startswith("trial: "))
+    # a slot is idle where fewer trials than slots run: slot-time in the trial window minus the
+    # trials' own time (gaps between one trial's end and the next one's start included)
+    out["between/idle slots"] = slots * (last - first) - in_trials
+    out["summary (after the last trial)"] = slots * (parent[1] - last)
+    return out
+
+
+def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], list[dict], int]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(parent_id)
+    exp = parent.info.experiment_id
+    runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
+    trials = []
+    for r in runs:
+        phases = {k.removeprefix("time/phase/").removesuffix("_s"): v for k, v in r.data.metrics.items()
+                  if k.startswith("time/phase/")}
+        if r.info.end_time and phases:
+            end = r.info.end_time / 1e3  # FINISHED right after the last stamp; the phases tile the run
+            trials.append({"run_id": r.info.run_id, "span": (end - sum(phases.values()), end),
+                           "phases": phases, "setup_s": r.data.metrics.get("time/startup_s")})
+    trials.sort(key=lambda t: t["span"][0])
+    slots = int(parent.data.metrics["sweep/slots"])
+    return (parent.info.start_time / 1e3, parent.info.end_time / 1e3), trials, slots
+
+
+def run_once(config: str, overrides: list[str]) -> dict:
+    """One sweep in a fresh store and output directory; its slot-time breakdown."""
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cmd = [sys.executable, "-m", "pipeline.sweep", str(Path(config).resolve()),
+               "--set", "eval.enabled=false", "--set", f"base.mlflow.tracking_uri={uri}",
+               "--set", f"base.output_dir={tmp}/out", *[x for o in overrides for x in ("--set", o)]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "RAY_ADDRESS": ""})
+        if proc.returncode != 0:
+            sys.exit(f"sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        parent_id = re.search(r"MLflow parent run (\w+)", proc.stdout).group(1)
+        parent, trials, slots = read_sweep(uri, parent_id)
+    total = slots * (parent[1] - parent[0])
+    cats = slot_breakdown(parent, trials, slots)
+    startup = [t["setup_s"] for t in trials if t["setup_s"] is not None]
+    return {"trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
+            "outside_training_share": 1 - cats.get("trial: loop", 0.0) / total, "categories": cats,
+            "startup_first_s": startup[0] if startup else None,
+            "startup_later_median_s": statistics.median(startup[1:]) if len(startup) > 1 else None,
+            "trial_phases": [t["phases"] for t in trials]}
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
+
+
+def cell(values: list[float], fmt: str) -> str:
+    m, se = mean_se(values)
+    return format(m, fmt) + (f" ± {format(se, fmt)}" if se is not None else "")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", nargs="?", default="sweeps/smoke.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="sweep config override for every arm (repeatable), e.g. tune.num_samples=6")
+    ap.add_argument("--before", action="append", default=[], metavar="KEY=VALUE",
+                    help="also run a 'before' arm with these overrides (repeatable), e.g. tune.reuse_actors=false")
+    ap.add_argument("--repeats", type=int, default=1, help="sweeps per arm (arms alternate)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_overhead-cpu.json"))
+    args = ap.parse_args(argv)
+
+    arms = {"before": args.overrides + args.before, "as configured": args.overrides} if args.before \
+        else {"as configured": args.overrides}
+    runs: dict[str, list[dict]] = {a: [] for a in arms}
+    for k in range(args.repeats):
+        for arm, overrides in arms.items():
+            print(f"sweep_overhead: {arm} #{k + 1} ...", flush=True)
+            runs[arm].append(run_once(args.config, overrides))
+    first = next(iter(runs.values()))[0]
+    print(f"\n{args.config} {' '.join(args.overrides)}: {first['trials']} trials, {first['slots']} slot(s); "
+          f"mean ± se over {args.repeats} sweep(s) per arm; slot-seconds")
+    cats = list(dict.fromkeys(c for rs in runs.values() for r in rs for c in r["categories"]))
+    rows = [{"category": c, **{a: cell([r["categories"].get(c, 0.0) for r in rs], ".1f") for a, rs in runs.items()}}
+            for c in cats]
+    for key, label, fmt in [("slot_s", "slot-time", ".0f"), ("outside_training_share", "outside training loops", ".3f"),
+                            ("startup_first_s", "start-up, first trial (s)", ".1f"),
+                            ("startup_later_median_s", "start-up, later trials, median (s)", ".1f")]:
+        rows.append({"category": label, **{a: cell([r[key] for r in rs], fmt) for a, rs in runs.items()}})
+    print_table(rows, [("category", "where the slot-time went", ""), *[(a, a, "") for a in runs]])
+    write_json(args.out, {"config": args.config, "overrides": args.overrides, "before": args.before,
+                          "repeats": args.repeats, "runs": runs})
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
