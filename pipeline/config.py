@@ -332,6 +332,8 @@ class TuneSection(_Strict):
     max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
     seeds: int = Field(1, ge=1, description="run every sampled configuration with this many train.seed values "
                                             "and rank by the mean over seeds (needs scheduler: none)")
+    reuse_actors: Optional[bool] = Field(None, description="run later trials in earlier trials' Tune actors "
+                                         "(saves their start-up); default: yes unless scheduler is asha")
 
 
 class EvalSection(_Strict):
@@ -420,6 +422,9 @@ class SweepConfig(_Strict):
         if self.tune.seeds > 1 and self.tune.scheduler == "asha":
             raise ValueError("tune.seeds: ASHA would stop trials on one seed's intermediate score; "
                              "use tune.scheduler: none with seeds > 1")
+        if self.tune.reuse_actors and self.tune.scheduler == "asha":
+            raise ValueError("tune.reuse_actors: an ASHA-stopped trial is still training when Tune would hand its "
+                             "actor to the next trial; use tune.scheduler: none to reuse actors")
         if self.tune.seeds > 1 and "train.seed" in self.search:
             raise ValueError("tune.seeds: train.seed is also a search dimension; use one or the other")
         for key, spec in self.search.items():

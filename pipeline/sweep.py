@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from datetime import datetime
@@ -239,10 +240,23 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode=cfg.tune.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname),
+                                    max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname,
+                                    reuse_actors=reuse_trial_actors(cfg)),
         run_config=tune.RunConfig(name="tune", storage_path=ray_storage(cfg, sweep_dir),
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
+
+
+def reuse_trial_actors(cfg: SweepConfig) -> bool:
+    """``tune.reuse_actors``; by default a trial's actor (the process that drives its Ray Train run:
+    imports, MLflow client) runs a later trial too, saving that trial's actor start-up, unless
+    trials can be stopped early: an ASHA-stopped trial's function is still inside
+    ``trainer.fit()`` when Tune resets its actor for the next trial, the reset times out and fails
+    that next trial (the schema refuses the combination). Without early stopping every trial's
+    function has returned before its actor is reused."""
+    if cfg.tune.reuse_actors is not None:
+        return cfg.tune.reuse_actors
+    return cfg.tune.scheduler != "asha"
 
 
 def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
@@ -272,7 +286,7 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
                 tracker.client.set_terminated(child, "FAILED" if status == "ERROR" else "FINISHED")
         obj = metrics.get(cfg.tune.metric)
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
-                     "setup_s": metrics.get("time/setup_s"),
+                     "setup_s": metrics.get("time/setup_s"), "startup_s": metrics.get("time/startup_s"),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
                      **cells, **{k: section_cell(r.config.get(k)) for k in cfg.search}})
         rows[-1][f"{cfg.tune.metric}_stderr"] = metrics.get(f"{cfg.tune.metric}_stderr") if obj is not None else None
@@ -500,6 +514,9 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     busy = loop_s / (wall * slots) if wall > 0 else 0.0
     timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s,
               "sweep/outside_training_fraction": 1.0 - busy}
+    startups = [row["startup_s"] for row in out["rows"] if row.get("startup_s") is not None]
+    if startups:  # run_training entered -> first step (pipeline.timeline), per trial
+        timing["sweep/trial_startup_median_s"] = statistics.median(startups)
     tracker.log_metrics(timing, step=0)
     out["timing"] = timing
     tracker.finish("FINISHED")
@@ -615,7 +632,9 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
         print(open(Path(out["sweep_dir"]) / "report" / "trials.md").read().rstrip())
     t = out["timing"]
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
-          f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s")
+          f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s"
+          + (f"; a trial's start-up before its first step: median {t['sweep/trial_startup_median_s']:.1f}s"
+             if "sweep/trial_startup_median_s" in t else ""))
     if out.get("eval"):
         ev = out["eval"]
         print(f"eval stage ({ev['wall_s']:.0f}s): {len(ev['rows'])} model(s) -> {cfg.eval.tasks}; "

@@ -313,6 +313,9 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert by_method["lora"].data.params["resolved.peft.lora_alpha"] == "10"  # merged into the base section
     assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
     assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
+    # no early stopping: trial actors are reused (4 trials, 2 at a time, in fewer than 4 processes),
+    # and a method trained after another in the same process is still only itself (checks above)
+    assert len({c.data.tags["ray.driver_pid"] for c in children}) < 4
     versions = client.search_model_versions("name = 't-methods'")
     assert len(versions) == 4
     # the trials table and the eval stage's comparison show each trial's % params and A/B matrices

@@ -89,6 +89,10 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert "search.adapter.gamma.loguniform" in parent.data.params
     assert parent.data.params["best.adapter.num_heads"] in ("2", "3")
     assert parent.data.metrics["sweep/trials"] == 2
+    # each trial's start-up (pipeline.timeline) on its run; the sweep reports their median
+    startups = [c.data.metrics["time/startup_s"] for c in children]
+    assert all(s > c.data.metrics["time/phase/worker_init_s"] > 0 for s, c in zip(startups, children))
+    assert parent.data.metrics["sweep/trial_startup_median_s"] == pytest.approx(sum(startups) / 2)
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "trials")}
     assert {"trials/trials.md", "trials/trials.csv", "trials/trials.html"} <= arts
     check_paired_trials(tmp_path, client, parent, children)
@@ -509,6 +513,7 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
         ({"search": {"adapter.rank": {"choice": [4]}}}, "search.adapter.rank: not a run config field"),
         ({"tune": {"num_samples": 0}}, "tune.num_samples: Input should be greater than or equal to 1"),
         ({"tune": {"seeds": 2, "scheduler": "asha"}}, "tune.seeds: ASHA would stop trials on one seed's"),
+        ({"tune": {"reuse_actors": True, "scheduler": "asha"}}, "tune.reuse_actors: an ASHA-stopped trial is still"),
         ({"eval": {"tasks": ["mmlu"], "limit": {"bbh": 3}}}, "limit.bbh: not one of eval.tasks (mmlu)"),
     ],
 )
@@ -682,6 +687,8 @@ def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4 and out["summary"]["errored"] == 0
+    # early stopping: no trial actor is reused (a stopped trial's actor is still inside fit())
+    assert len({c.data.tags["ray.driver_pid"] for c in children}) == 4
     lrs = [4e-3, 3e-3, 2e-8, 1e-8]  # the order the trials ran in
     by_lr = {float(c.data.params["train.lr"]): c for c in children}
     at4 = {lr: next(m.value for m in client.get_metric_history(c.info.run_id, metric) if m.step == 4)
