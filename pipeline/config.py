@@ -423,8 +423,8 @@ class SweepConfig(_Strict):
             raise ValueError("tune.seeds: ASHA would stop trials on one seed's intermediate score; "
                              "use tune.scheduler: none with seeds > 1")
         if self.tune.reuse_actors and self.tune.scheduler == "asha":
-            raise ValueError("tune.reuse_actors: an ASHA-stopped trial is still training when Tune would hand its "
-                             "actor to the next trial; use tune.scheduler: none to reuse actors")
+            raise ValueError("tune.reuse_actors: not with scheduler asha (a stopped trial is still training when "
+                             "Tune would hand its actor to the next trial); use tune.scheduler: none to reuse actors")
         if self.tune.seeds > 1 and "train.seed" in self.search:
             raise ValueError("tune.seeds: train.seed is also a search dimension; use one or the other")
         for key, spec in self.search.items():

@@ -249,11 +249,11 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
 def reuse_trial_actors(cfg: SweepConfig) -> bool:
     """``tune.reuse_actors``; by default a trial's actor (the process that drives its Ray Train run:
-    imports, MLflow client) runs a later trial too, saving that trial's actor start-up, unless
-    trials can be stopped early: an ASHA-stopped trial's function is still inside
-    ``trainer.fit()`` when Tune resets its actor for the next trial, the reset times out and fails
-    that next trial (the schema refuses the combination). Without early stopping every trial's
-    function has returned before its actor is reused."""
+    imports, MLflow client) runs a later trial too, saving that trial's actor start-up, unless the
+    scheduler is ASHA (refused by the schema): a trial ASHA stops is still inside
+    ``trainer.fit()`` when Tune would reset its actor, and with Ray 2.60 a 1-slot ASHA sweep with
+    reused actors stopped starting trials after its second (seen in the ASHA test). Without early
+    stopping every trial's function has returned before its actor is reused."""
     if cfg.tune.reuse_actors is not None:
         return cfg.tune.reuse_actors
     return cfg.tune.scheduler != "asha"

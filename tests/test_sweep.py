@@ -513,7 +513,7 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
         ({"search": {"adapter.rank": {"choice": [4]}}}, "search.adapter.rank: not a run config field"),
         ({"tune": {"num_samples": 0}}, "tune.num_samples: Input should be greater than or equal to 1"),
         ({"tune": {"seeds": 2, "scheduler": "asha"}}, "tune.seeds: ASHA would stop trials on one seed's"),
-        ({"tune": {"reuse_actors": True, "scheduler": "asha"}}, "tune.reuse_actors: an ASHA-stopped trial is still"),
+        ({"tune": {"reuse_actors": True, "scheduler": "asha"}}, "tune.reuse_actors: not with scheduler asha"),
         ({"eval": {"tasks": ["mmlu"], "limit": {"bbh": 3}}}, "limit.bbh: not one of eval.tasks (mmlu)"),
     ],
 )
