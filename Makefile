@@ -42,6 +42,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks.layer
+	$(BIN)/python -m benchmarks.layer_breakdown
 	$(BIN)/python -m benchmarks.train_step
 	$(BIN)/python -m benchmarks.mlflow_server
 	$(BIN)/python -m benchmarks.submit_vs_local

@@ -38,3 +38,19 @@ def test_method_variants_step_on_a_tiny_architecture(tmp_path):
     # trainable parameters as built: LoRA-MoE has N down projections where R-LoRA shares one
     assert rows["lora_moe_N3"]["trainable_params"] > rows["rlora_N3"]["trainable_params"]
     assert rows["peft_ia3"]["trainable_params"] < rows["rlora_N3"]["trainable_params"]
+
+
+def test_layer_breakdown_puts_the_adapter_time_in_its_categories():
+    """The frozen base has no adapter GEMM and no full-width add; the fused layer has both, and its
+    per-head dropout and router show up as small element-wise work the base does not do."""
+    from benchmarks.layer_breakdown import breakdown_row
+
+    row = breakdown_row(d=128, tokens=256, n=3, r=4, pairs=3, prof_iters=2)
+    assert row["base_adapter_gemm_ms"] == 0 < row["fused_adapter_gemm_ms"]
+    assert row["base_full_width_ms"] < row["fused_full_width_ms"]
+    assert row["base_small_elem_ms"] < row["fused_small_elem_ms"]
+    # the base GEMMs are the same ops on the same shapes in both (forward + input gradient)
+    assert row["base_base_gemm_ms"] > 0 and row["fused_base_gemm_ms"] > 0
+    assert row["fused_vs_base_q1"] <= row["fused_vs_base"] <= row["fused_vs_base_q3"] and row["pairs"] == 3
+    assert row["overhead_adapter_gemm"] > 0 and row["overhead_full_width"] > 0 and row["overhead_small_elem"] > 0
+    assert 1.0 < row["floor_vs_base"] < row["profiled_fused_vs_base"]
