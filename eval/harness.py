@@ -155,7 +155,9 @@ class Evaluator:
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
-                self.base = model.unload()  # the adapter layers out, the untouched base modules back
+                from pipeline.adapters import detach
+
+                self.base = detach(model)  # the adapter layers out, the untouched base modules back
 
 
 def pooled_stderr(scores: dict[str, float], examples) -> dict[str, float]:

@@ -5,7 +5,10 @@ PEFT's methods are PEFT's code: ``adapter.method`` picks the config class, the m
 section (``adapter.lora``, ``adapter.adalora`` ...) holds that class's fields, validated by the
 class's own type hints (pydantic) before anything runs. ``dora`` is PEFT's LoRA with
 ``use_dora``. AdaLoRA's budget schedule needs the run's step count (``total_step``) and a call of
-``update_and_allocate`` after every optimizer step (``after_optimizer_step``)."""
+``update_and_allocate`` after every optimizer step (``after_optimizer_step``). Prompt, P- and prefix
+tuning (PEFT's prompt-learning methods) adapt no module, so ``target_modules`` does not apply to them;
+the training loop's held-out scorer scores them pair by pair without their virtual tokens' logits
+(``pipeline.scoring``; lm-eval's HFLM aligns those itself), and ``detach`` gives the untouched base back."""
 
 from __future__ import annotations
 
@@ -21,6 +24,16 @@ PEFT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "dora": ("LoraConfig", {"use_dora": True}),
     "adalora": ("AdaLoraConfig", {}),
     "ia3": ("IA3Config", {}),
+    "prompt_tuning": ("PromptTuningConfig", {}),
+    "p_tuning": ("PromptEncoderConfig", {}),
+    "prefix_tuning": ("PrefixTuningConfig", {}),
+}
+PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")  # their PeftType values
+# fields PEFT leaves unset (None) that its prompt-learning methods cannot build without; a run may override them
+PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prompt_tuning": {"num_virtual_tokens": 20},
+    "p_tuning": {"num_virtual_tokens": 20, "encoder_hidden_size": 128},
+    "prefix_tuning": {"num_virtual_tokens": 20},
 }
 # methods built by this project's tuner (rlora/): R-LoRA's presets, and LoRA-MoE as its per-head-A structure
 RLORA_METHODS = ("rlora", "lora_moe")
@@ -52,8 +65,8 @@ def peft_config(method: str, fields: dict[str, Any], target_modules: Optional[It
         if key in fixed or key in _SET_HERE:
             raise ValueError(f"{key}: set by the pipeline for method {method}, not configurable")
         raise ValueError(f"{key}: not a field of peft.{cls_name}")
-    kw: dict[str, Any] = {"task_type": "CAUSAL_LM", **fixed, **fields}
-    if target_modules is not None:
+    kw: dict[str, Any] = {"task_type": "CAUSAL_LM", **PEFT_DEFAULTS.get(method, {}), **fixed, **fields}
+    if target_modules is not None and "target_modules" in configurable_fields(method):
         kw.setdefault("target_modules", list(target_modules))
     if method == "adalora" and "total_step" not in fields:
         kw["total_step"] = total_step or 1  # the run's train.steps (wired by RunConfig)
@@ -108,6 +121,18 @@ def ab_matrices(model) -> Optional[str]:
     return None
 
 
+def is_prompt_learning(model) -> bool:
+    """Whether ``model`` is a PeftModel of a prompt-learning method (virtual tokens, no adapted module)."""
+    configs = getattr(model, "peft_config", None)
+    return bool(configs) and bool(getattr(configs.get(model.active_adapter), "is_prompt_learning", False))
+
+
+def detach(model):
+    """The base model back from a loaded adapter of any method: the adapter layers taken out
+    (``unload``), or for prompt-learning methods, which wrap the base without changing it, the base itself."""
+    return model.get_base_model() if is_prompt_learning(model) else model.unload()
+
+
 def after_optimizer_step(model, step: int) -> None:
     """AdaLoRA's budget allocation (importance scores from this step's gradients: call it after
     ``optimizer.step()`` and before ``zero_grad``); nothing for the other methods."""
@@ -134,7 +159,12 @@ def load(base, path: str | Path, is_trainable: bool = False):
     try:
         model = PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
     except RuntimeError as e:  # torch's size mismatch: keep its last line, which names the tensor
-        raise AdapterLoadError(f"{path}: {str(e).splitlines()[-1].strip()}") from None
+        msg = str(e).splitlines()[-1].strip()
+        if peft_type in PROMPT_LEARNING_TYPES:  # the prompt encoder names its own "weight": name the saved tensor
+            msg = f"{', '.join(sorted(saved))}: {msg}"
+        raise AdapterLoadError(f"{path}: {msg}") from None
+    except KeyError as e:  # a prompt-learning method's encoder reads its tensor by name
+        raise AdapterLoadError(f"{path}: {peft_type} adapter missing tensor(s) {e.args[0]}") from None
     expected = get_peft_model_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

@@ -23,7 +23,8 @@ class _Strict(BaseModel):
 
 
 class AdapterSection(_Strict):
-    method: Literal["rlora", "lora_moe", "lora", "dora", "adalora", "ia3"] = Field(
+    method: Literal["rlora", "lora_moe", "lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning",
+                    "prefix_tuning"] = Field(
         "rlora", description="rlora: the fields below (presets); lora_moe: the same fields, N independent LoRA "
         "experts (A_i, B_i) under the router; otherwise PEFT's method, configured by its own section")
     preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"] = "rlora"
@@ -43,8 +44,14 @@ class AdapterSection(_Strict):
     dora: dict[str, Any] = Field(default_factory=dict, description="peft.LoraConfig fields (use_dora is set)")
     adalora: dict[str, Any] = Field(default_factory=dict, description="peft.AdaLoraConfig fields (total_step: train.steps)")
     ia3: dict[str, Any] = Field(default_factory=dict, description="peft.IA3Config fields")
+    prompt_tuning: dict[str, Any] = Field(default_factory=dict, description="peft.PromptTuningConfig fields "
+                                          "(num_virtual_tokens: 20 unless set)")
+    p_tuning: dict[str, Any] = Field(default_factory=dict, description="peft.PromptEncoderConfig fields "
+                                     "(num_virtual_tokens: 20, encoder_hidden_size: 128 unless set)")
+    prefix_tuning: dict[str, Any] = Field(default_factory=dict, description="peft.PrefixTuningConfig fields "
+                                          "(num_virtual_tokens: 20 unless set)")
 
-    @field_validator("lora", "dora", "adalora", "ia3")
+    @field_validator("lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
     @classmethod
     def _peft_fields(cls, v, info):
         from pipeline.adapters import peft_config
@@ -82,9 +89,12 @@ class AdapterSection(_Strict):
         """Short name of the adapter (run names, tags)."""
         if self.uses_rlora:
             return f"{self.tuner_preset}-N{self.num_heads}-r{self.r}"
-        fields = getattr(self, self.method)
+        from pipeline.adapters import PEFT_DEFAULTS
+
+        fields = {**PEFT_DEFAULTS.get(self.method, {}), **getattr(self, self.method)}
         r = fields.get("r", fields.get("init_r"))
-        return f"{self.method}" + (f"-r{r}" if r is not None else "")
+        v = fields.get("num_virtual_tokens")
+        return f"{self.method}" + (f"-r{r}" if r is not None else "") + (f"-v{v}" if v is not None else "")
 
     def to_rlora(self) -> rlora.RLoraConfig:
         from pipeline.adapters import PEFT_METHODS

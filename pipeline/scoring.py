@@ -58,7 +58,7 @@ def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], max_length: 
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         ids, mask = _pad([enc[i][0] for i in idx], tok.pad_token_id, device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logits = token_logits(model, ids, mask)[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
         for row, i in enumerate(idx):
             seq, n_ctx = enc[i]
@@ -66,6 +66,12 @@ def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], max_length: 
             out[i] = (logp[row, start : len(seq) - 1].sum().item(), len(seq) - n_ctx)
     model.train(was_training)
     return out
+
+
+def token_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits at the positions of ``ids``: prompt and P-tuning (PEFT) prepend virtual tokens and
+    return their logits too, which are dropped here; other models are unchanged."""
+    return model(input_ids=ids, attention_mask=mask).logits[:, -ids.shape[1]:]
 
 
 def _shallow_copy(cache):
@@ -116,7 +122,19 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
     Returns one dict per example, in input order: ``task``, ``example_id`` (``content_key[:16]``),
     ``choice_logprobs``, ``pred`` (argmax, first max wins), ``correct`` (1.0/0.0),
     ``gold_logprob`` and ``margin`` (gold minus the best wrong choice; ``inf`` with one choice).
+    A prompt-learning PEFT model (virtual tokens: no position ids, no reusable cache) is scored pair
+    by pair with :func:`continuation_logprobs` instead.
     """
+    from pipeline.adapters import is_prompt_learning
+
+    if is_prompt_learning(model):  # virtual tokens ignore position ids and a cache: pair by pair, right-padded
+        flat = [(i, j) for i, ex in enumerate(examples) for j in range(len(ex.choices))]
+        lp = continuation_logprobs(model, tok, [(examples[i].prompt, examples[i].choices[j]) for i, j in flat],
+                                   max_length, batch_size)
+        scores = [[0.0] * len(ex.choices) for ex in examples]
+        for (i, j), (v, _) in zip(flat, lp):
+            scores[i][j] = v
+        return _rows(examples, scores)
     device = next(model.parameters()).device
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids_of: dict[str, list[int]] = {}
@@ -207,7 +225,10 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
                     scores[i][j] = v
     finally:
         model.train(was_training)
+    return _rows(examples, scores)
 
+
+def _rows(examples: list[Example], scores: list[list[float]]) -> list[dict]:
     results = []
     for ex, s in zip(examples, scores):
         pred = max(range(len(s)), key=s.__getitem__)

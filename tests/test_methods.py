@@ -13,12 +13,14 @@ from pipeline.config import ConfigError, load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-PEFT_METHODS = ["lora", "dora", "adalora", "ia3"]
+PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
+PROMPT_METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning"]
 STEPS = 6
 # small enough for the tiny model; AdaLoRA prunes from rank 6 to 2 within the 6 steps (tinit 1, tfinal 2)
 SECTIONS = {"lora": {"r": 4, "lora_alpha": 8}, "dora": {"r": 4, "lora_alpha": 8},
             "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1},
-            "ia3": {"feedforward_modules": ["down_proj"]}}
+            "ia3": {"feedforward_modules": ["down_proj"]}, "prompt_tuning": {"num_virtual_tokens": 4},
+            "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "prefix_tuning": {"num_virtual_tokens": 4}}
 
 
 def run_cfg(method, **train):
@@ -48,8 +50,9 @@ def train_steps(model, tok, steps):
 
 
 def logits(model, ids):
+    """The logits of ``ids``' own positions (prompt and P-tuning also return their virtual tokens')."""
     with torch.no_grad():
-        return model(input_ids=ids).logits
+        return model(input_ids=ids).logits[:, -ids.shape[1]:]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +108,10 @@ def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_di
     assert ia3["trainable_params"] == 2 * (64 + 32 + 128)
     n_base = sum(p.numel() for p in out["ia3"][2].parameters()) - ia3["trainable_params"]
     assert ia3["trainable_pct"] == pytest.approx(100 * ia3["trainable_params"] / n_base)
+    # prompt tuning: 4 virtual token embeddings of width 64; prefix tuning: a key and a value of width
+    # 2 kv heads x 16 per virtual token and layer
+    assert adapters.trainable(out["prompt_tuning"][2])["trainable_params"] == 4 * 64
+    assert adapters.trainable(out["prefix_tuning"][2])["trainable_params"] == 4 * 2 * 2 * 32
 
 
 def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
@@ -116,7 +123,8 @@ def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
 
     out, _ = trained
     got = {m: adapters.ab_matrices(out[m][2]) for m in PEFT_METHODS}
-    assert got == {"lora": "1/1", "dora": "1/1", "adalora": "1/1", "ia3": None}
+    assert got == {"lora": "1/1", "dora": "1/1", "adalora": "1/1", "ia3": None,
+                   "prompt_tuning": None, "p_tuning": None, "prefix_tuning": None}
     for preset, heads, expected in [("rlora", 3, "1/3"), ("hydralora", 2, "1/2"), ("lora", 1, "1/1")]:
         base, _ = load_model(str(tiny_model_dir))
         model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset(preset, r=4, num_heads=heads))
@@ -150,7 +158,7 @@ def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_mo
     assert torch.equal(logits(adapters.load(fresh, tmp_path), ids), expected)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "prefix_tuning"])
 def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
     from pipeline import adapters
     from pipeline.models import load_model
@@ -205,11 +213,54 @@ def test_eval_harness_scores_peft_adapters_and_unloads_them(trained, tiny_model_
     out, ids = trained
     ev = Evaluator(EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=8), device="cpu")
     fresh, _ = load_model(str(tiny_model_dir))
-    results = {m: ev.evaluate(EvalJob(m, str(out[m][0]))) for m in ("lora", "ia3")}
+    results = {m: ev.evaluate(EvalJob(m, str(out[m][0]))) for m in ("lora", "ia3", *PROMPT_METHODS)}
     assert all(r["error"] is None and "heldout/sst2" in r["scores"] for r in results.values()), results
     assert torch.equal(logits(ev.base, ids), logits(fresh, ids))  # the base is back, bit for bit
     alone = Evaluator(ev.settings, device="cpu").evaluate(EvalJob("ia3", str(out["ia3"][0])))
     assert alone["scores"] == results["ia3"]["scores"]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_virtual_tokens_are_not_scored(method, trained, tiny_model_dir):
+    """The training loop's held-out scorer and the eval harness (lm-eval) score a prompt- or P-tuned
+    model exactly as the base model scores the input behind the learned virtual token embeddings,
+    spelled out here with ``inputs_embeds``; each with its own tokenisation of (context, choice)."""
+    from eval.harness import EvalSettings, Evaluator
+    from pipeline import adapters
+    from pipeline.data.tasks import task_splits
+    from pipeline.models import load_model
+    from pipeline.scoring import score_choices
+
+    out, _ = trained
+    base, tok = load_model(str(tiny_model_dir))
+    model = adapters.load(base, out[method][0]).eval()
+    with torch.no_grad():
+        prompts = model.get_prompt(batch_size=1)  # (1, V, hidden): PEFT's learned virtual tokens
+    embed = base.get_input_embeddings()
+
+    def reference(ctx: list[int], cont: list[int]) -> float:
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():
+            lg = base(inputs_embeds=torch.cat([prompts, embed(ids)], 1)).logits[0, prompts.shape[1]:]
+        lp = torch.log_softmax(lg[:-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return lp[len(ctx) - 1:].sum().item()
+
+    def enc(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    held = task_splits("sst2")[1][:6]
+    rows = score_choices(model, tok, held, batch_size=4)
+    for row, ex in zip(rows, held):  # the pipeline's convention: context and choice tokenised apart
+        assert row["choice_logprobs"] == pytest.approx([reference(enc(ex.prompt), enc(c)) for c in ex.choices],
+                                                       abs=1e-4)
+    ev = Evaluator(EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=6, num_fewshot=0),
+                   device="cpu")
+    res = ev.run(str(out[method][0]), log_samples=True)
+    samples = res["samples"]["rlora_heldout_sst2"]
+    assert len(samples) == 6
+    for x in samples:  # lm-eval's convention: the choice's tokens are the whole's after the context's
+        expected = [reference(enc(ctx), enc(ctx + cont)[len(enc(ctx)):]) for ctx, cont in x["arguments"]]
+        assert [v[0] for v in x["filtered_resps"]] == pytest.approx(expected, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -295,29 +346,30 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
 
     # one dimension over whole adapter sections; lora's r from the grid, its lora_alpha from the base
     search = {"adapter": {"grid": [{"method": "rlora"}, {"method": "lora", "lora": {"r": 3}}, {"method": "ia3"},
-                                   {"method": "lora_moe"}]}}
+                                   {"method": "lora_moe"}, {"method": "prompt_tuning"}, {"method": "prefix_tuning"}]}}
     path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
                       tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
-                      eval_={"top_k": 4, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
+                      eval_={"top_k": 6, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
                              "registry_name": "t-methods"})
     data = __import__("yaml").safe_load(path.read_text())
     data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
-                                    "lora": {"r": 5, "lora_alpha": 10}, "ia3": {"feedforward_modules": ["down_proj"]}})
+                                    "lora": {"r": 5, "lora_alpha": 10}, "ia3": {"feedforward_modules": ["down_proj"]},
+                                    "prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4}})
     path.write_text(__import__("yaml").safe_dump(data))
     proc = cli([str(path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, parents, children = mlflow_runs(tmp_path)
     by_method = {c.data.tags["rlora.method"]: c for c in children}
-    assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe"} and all(c.info.status == "FINISHED" for c in children)
+    assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe", "prompt_tuning", "prefix_tuning"} and all(c.info.status == "FINISHED" for c in children)
     assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
     assert by_method["lora"].data.params["resolved.peft.lora_alpha"] == "10"  # merged into the base section
     assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
     assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
-    # no early stopping: trial actors are reused (4 trials, 2 at a time, in fewer than 4 processes),
+    # no early stopping: trial actors are reused (6 trials, 2 at a time, in fewer than 6 processes),
     # and a method trained after another in the same process is still only itself (checks above)
-    assert len({c.data.tags["ray.driver_pid"] for c in children}) < 4
+    assert len({c.data.tags["ray.driver_pid"] for c in children}) < 6
     versions = client.search_model_versions("name = 't-methods'")
-    assert len(versions) == 4
+    assert len(versions) == 6
     # the trials table and the eval stage's comparison show each trial's % params and A/B matrices
     import pandas as pd
 
@@ -325,7 +377,8 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     trials = pd.read_csv(client.download_artifacts(parent, "trials/trials.csv", str(tmp_path / "t")), dtype=str)
     comparison = pd.read_csv(client.download_artifacts(parent, "eval/comparison.csv", str(tmp_path / "c")), dtype=str)
     heads = by_method["rlora"].data.params["resolved.rlora.num_heads"]
-    for method, ab in [("rlora", f"1/{heads}"), ("lora", "1/1"), ("ia3", "–"), ("lora_moe", f"{heads}/{heads}")]:
+    for method, ab in [("rlora", f"1/{heads}"), ("lora", "1/1"), ("ia3", "–"), ("lora_moe", f"{heads}/{heads}"),
+                       ("prompt_tuning", "–"), ("prefix_tuning", "–")]:
         run = by_method[method]
         pct = f"{float(run.data.params['adapter.trainable_pct']):.3g}"
         trial = trials[trials["mlflow_run"] == run.info.run_id].iloc[0]
@@ -349,8 +402,8 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
         row = report.loc[run.data.tags["rlora.adapter"]]
         m, p = run.data.metrics, run.data.params
         assert row["Avg"].startswith(f"{100 * m['eval/mean_acc']:.1f} ± "), method
-        assert (row["% params"], row["A/B"]) == (f"{float(p['adapter.trainable_pct']):.3g}",
-                                                 "–" if method == "ia3" else p["adapter.ab_matrices"]), method
+        ab = "–" if method in ("ia3", *PROMPT_METHODS) else p["adapter.ab_matrices"]
+        assert (row["% params"], row["A/B"]) == (f"{float(p['adapter.trainable_pct']):.3g}", ab), method
         tps = statistics.median(h.value for h in client.get_metric_history(run.info.run_id, "train/tokens_per_s"))
         assert row["tokens/s"] == f"{tps:.0f}", method
         if method == "rlora":
