@@ -8,7 +8,9 @@ Variants:
   rlora_N5   - R-LoRA, 5 heads, r=8
   with --variants methods, also every other adapter.method the pipeline trains, built by its own code
   (pipeline.adapters): peft_dora (r=8), peft_adalora (init_r 12 -> target_r 8, its budget
-  allocation after every step, as in training), peft_ia3 (PEFT's default targets), lora_moe_N3
+  allocation after every step, as in training), peft_ia3 (PEFT's default targets), peft_prompt_tuning,
+  peft_p_tuning and peft_prefix_tuning (20 virtual tokens each, the pipeline's default; the step's
+  sequence is 20 tokens longer for prompt and P-tuning, tokens/s counts the input's), lora_moe_N3
   (3 experts of r=8 under the router)
 The step is the training loop's own (``pipeline.step.accumulate_gradients``) under a
 ``train.precision`` (fp32 | bf16-mixed | bf16), optionally with activation checkpointing.
@@ -33,12 +35,15 @@ from pathlib import Path
 from benchmarks.common import device_label, print_table, write_json
 
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
-METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "rlora_N3",
-                   "lora_moe_N3"]
+METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "peft_prompt_tuning",
+                   "peft_p_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3"]
 # the PEFT method sections of pipeline.adapters.peft_config for the method variants
 PEFT_SECTIONS = {"peft_dora": ("dora", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
                  "peft_adalora": ("adalora", {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
-                 "peft_ia3": ("ia3", {})}
+                 "peft_ia3": ("ia3", {}),
+                 # the pipeline's defaults: 20 virtual tokens (P-tuning: an MLP encoder of width 128)
+                 "peft_prompt_tuning": ("prompt_tuning", {}), "peft_p_tuning": ("p_tuning", {}),
+                 "peft_prefix_tuning": ("prefix_tuning", {})}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Architectures by their published configs (weights drawn at random)
 MODEL_ARCHS = {
