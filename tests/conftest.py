@@ -24,6 +24,51 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**kw)
 
 
+def init_gloo(rank: int, world: int, init_file: str, timeout_s: float = 120.0):
+    """A spawned test rank joins a gloo group on loopback; a collective that never completes raises
+    after `timeout_s` instead of the default 30 min, and the rank's stacks are dumped to stderr
+    (shown by pytest) shortly before, so a hang in CI is diagnosable."""
+    import datetime
+    import faulthandler
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # never a hostname that resolves off-machine
+    faulthandler.dump_traceback_later(timeout_s - 10, exit=False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def spawn_ranks(fn, args, nprocs: int = 2, timeout_s: float = 240.0):
+    """torch.multiprocessing.spawn with a deadline: ranks still running after `timeout_s` fail the
+    test, and no rank outlives the call (a live non-daemonic child would hang pytest at exit)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=2):  # raises ProcessRaisedException / ProcessExitedException
+            if time.monotonic() > deadline:
+                pytest.fail(f"{nprocs} spawned ranks still running after {timeout_s:.0f} s", pytrace=False)
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+
+
+def pytest_unconfigure(config):
+    """A child process a failed test left alive must not keep the interpreter from exiting
+    (multiprocessing joins its non-daemonic children at exit)."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(10)
+
+
 @pytest.fixture
 def tiny_llama_factory():
     """Returns make(seed=0, dtype=float32) -> a fresh tiny Llama with deterministic weights."""

@@ -18,7 +18,7 @@ from pipeline.submit import entrypoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(module, *args, env=None, timeout=900):
+def run(module, *args, env=None, timeout=720):
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -330,7 +330,7 @@ def test_two_node_cluster_spread_training_and_submitted_sweep(tmp_path, tiny_mod
                   "--wait", "--set", f"base.model={tiny_model_dir}", "--set", "base.mlflow.experiment=submitted",
                   "--set", f"base.output_dir={tmp_path / 'job-out'}",
                   env=cluster.client_env,
-                  timeout=1500)
+                  timeout=720)
         wall = time.time() - t0
         if sub.returncode != 0:
             logs = sorted(base.glob("head/session_*/logs/job-driver-*.log"))

@@ -65,7 +65,7 @@ def test_fractional_gpu_sweep_runs_four_trials_at_once_on_two_gpus(tmp_path, tin
     with LoopbackCluster(nodes=1, cpus_per_node=4, gpus_per_node=2) as cluster:
         env = {**os.environ, **cluster.client_env, "RAY_ADDRESS": cluster.address, "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", str(path)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=900)
+                              capture_output=True, text=True, timeout=720)
         assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-3000:])
         probe = subprocess.run([sys.executable, "-c", WORKER_LIFETIMES], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=300)

@@ -184,9 +184,10 @@ def _ddp_rank(rank, world, init_file, out_dir, sync_each):
     from pathlib import Path
 
     import torch.distributed as dist
+    from conftest import init_gloo
     from torch.nn.parallel import DistributedDataParallel
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         model = DistributedDataParallel(adapted(_tiny_factory))
@@ -216,9 +217,9 @@ def test_ddp_accumulation_all_reduces_once_per_step(tmp_path):
     and the gradient equals the average of the ranks' one-batch gradients."""
     import pickle
 
-    import torch.multiprocessing as mp
+    from conftest import spawn_ranks
 
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path), False), nprocs=2)
+    spawn_ranks(_ddp_rank, args=(2, str(tmp_path / "init"), str(tmp_path), False))
     out = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1)]
     for o in out:
         assert o["calls_one"] > 0 and o["calls_accum"] == o["calls_one"]

@@ -31,7 +31,7 @@ def test_reproduce_writes_table4_head_cosine_and_grad_norms(tmp_path, tiny_model
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "eval.reproduce", str(path), "--out", str(out)], cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=1200)
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True, timeout=720)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (out / "report.md").read_text()
     table = (out / "table4.md").read_text().splitlines()

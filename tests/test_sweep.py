@@ -38,7 +38,7 @@ def sweep_yaml(tmp_path, model_dir, name="t", search=None, tune=None, train=None
     return p
 
 
-def cli(args, timeout=900, **kw):
+def cli(args, timeout=720, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
@@ -347,7 +347,7 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     again = subprocess.run([sys.executable, "-m", "eval.run", "--sweep", parent.info.run_id, "--tracking-uri", uri,
                             "--out", str(tmp_path / "again")], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=900)
+                           timeout=720)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "evaluated nothing new" in again.stdout
     after = {rid: history_lengths(client, rid, keys) for rid in before}
@@ -357,7 +357,7 @@ def check_eval_stage(tmp_path, client, parent, children, stdout):
     # different settings: a new evaluation round, one new point per metric at the next step
     third = subprocess.run([sys.executable, "-m", "eval.run", "--sweep", parent.info.run_id, "--tracking-uri", uri,
                             "--limit", "2", "--top-k", "1", "--out", str(tmp_path / "third")], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=720)
     assert third.returncode == 0, third.stderr[-3000:]
     hist = client.get_metric_history(base[0].info.run_id, "mmlu/avg")
     assert sorted(h.step for h in hist) == [0, 1]
@@ -648,7 +648,7 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # leaked placement groups make the sweep wait forever: fail, do not hang
+@pytest.mark.timeout(600)  # leaked placement groups make the sweep wait forever: fail, do not hang
 def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_path, tiny_model_dir):
     """Four learning rates, tried in order, one at a time: two that train (4e-3, 3e-3) and two
     that leave the model where it started (2e-8, 1e-8), ranked on the gold answer's log-prob,

@@ -120,11 +120,12 @@ def _score_rank(rank, world, model_dir, init_file, out_dir, examples):
     import pickle
 
     import torch.distributed as dist
+    from conftest import init_gloo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.train import score_held_out
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init_gloo(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -140,14 +141,14 @@ def test_held_out_scoring_sharded_over_ranks_equals_one_process(tmp_path, tiny_m
     process scoring everything, example by example, on both ranks."""
     import pickle
 
-    import torch.multiprocessing as mp
+    from conftest import spawn_ranks
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.batching import build_mixture
     from pipeline.train import score_held_out
 
     examples = build_mixture(["sst2", "siqa"], 0, 7, seed=0).held_out  # 14: uneven shards
-    mp.spawn(_score_rank, args=(2, str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), examples), nprocs=2)
+    spawn_ranks(_score_rank, args=(2, str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), examples))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     single = score_held_out(model, tok, examples, 96)
