@@ -11,7 +11,7 @@ Variants:
   allocation after every step, as in training), peft_ia3 (PEFT's default targets), peft_prompt_tuning,
   peft_p_tuning and peft_prefix_tuning (20 virtual tokens each, the pipeline's default; the step's
   sequence is 20 tokens longer for prompt and P-tuning, tokens/s counts the input's), lora_moe_N3
-  (3 experts of r=8 under the router)
+  (3 experts of r=8 under the router), full (full fine-tuning: every weight trains, AdamW state for all)
 The step is the training loop's own (``pipeline.step.accumulate_gradients``) under a
 ``train.precision`` (fp32 | bf16-mixed | bf16), optionally with activation checkpointing.
 
@@ -36,7 +36,7 @@ from benchmarks.common import device_label, print_table, write_json
 
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
 METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "peft_prompt_tuning",
-                   "peft_p_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3"]
+                   "peft_p_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3", "full"]
 # the PEFT method sections of pipeline.adapters.peft_config for the method variants
 PEFT_SECTIONS = {"peft_dora": ("dora", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
                  "peft_adalora": ("adalora", {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
@@ -113,6 +113,8 @@ def build_variant(variant: str, base, checkpointing: bool = False):
 
         n = int(variant.split("_N")[1])
         model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset("rlora", r=8, num_heads=n, alpha=16))
+    elif variant == "full":
+        model = base.requires_grad_(True)
     else:
         model = base
         model.requires_grad_(False)

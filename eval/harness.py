@@ -157,7 +157,7 @@ class Evaluator:
             if adapter_dir:
                 from pipeline.adapters import detach
 
-                self.base = detach(model)  # the adapter layers out, the untouched base modules back
+                self.base = detach(model, self.base)  # the adapter layers out, the untouched base modules back
 
 
 def pooled_stderr(scores: dict[str, float], examples) -> dict[str, float]:

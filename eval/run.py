@@ -142,8 +142,10 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
     if adapter == "none":
         return None, None
     if Path(adapter).is_dir():
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise EvalInputError(f"--adapter: {adapter} has no adapter_config.json")
+        from pipeline.adapters import FULL_WEIGHTS
+
+        if not any((Path(adapter) / f).is_file() for f in ("adapter_config.json", FULL_WEIGHTS)):
+            raise EvalInputError(f"--adapter: {adapter} has no adapter_config.json (nor a full model's {FULL_WEIGHTS})")
         return adapter, None
     if re.fullmatch(r"[0-9a-f]{32}", adapter):
         import mlflow

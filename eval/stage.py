@@ -66,7 +66,10 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
 
 
 def _has_adapter(client, run_id: str) -> bool:
-    return any(a.path.endswith("adapter_config.json") for a in client.list_artifacts(run_id, "adapter"))
+    """The run saved its adapter (or, full fine-tuning, its whole model) under ``adapter/``."""
+    from pipeline.adapters import FULL_WEIGHTS
+
+    return any(a.path.endswith(("adapter_config.json", FULL_WEIGHTS)) for a in client.list_artifacts(run_id, "adapter"))
 
 
 def select_trials(client, parent, metric: str, mode: str, top_k: int) -> list:
@@ -131,8 +134,8 @@ def _register(client, name: str, run, scores: dict[str, float], metric: str, tra
     mlflow.set_tracking_uri(tracking_uri)
     try:
         mv = client.create_model_version(name, source=source, run_id=run.info.run_id, tags=tags, model_id=model_id,
-                                         description=f"trial {tags['trial_id']}: adapter directory (PEFT format, "
-                                                     "load with rlora.from_pretrained)")
+                                         description=f"trial {tags['trial_id']}: adapter directory (PEFT format; full "
+                                                     "fine-tuning: the whole model), load with pipeline.adapters.load")
     finally:
         mlflow.set_tracking_uri(before)
     return str(mv.version)

@@ -8,7 +8,10 @@ class's own type hints (pydantic) before anything runs. ``dora`` is PEFT's LoRA 
 ``update_and_allocate`` after every optimizer step (``after_optimizer_step``). Prompt, P- and prefix
 tuning (PEFT's prompt-learning methods) adapt no module, so ``target_modules`` does not apply to them;
 the training loop's held-out scorer scores them pair by pair without their virtual tokens' logits
-(``pipeline.scoring``; lm-eval's HFLM aligns those itself), and ``detach`` gives the untouched base back."""
+(``pipeline.scoring``; lm-eval's HFLM aligns those itself), and ``detach`` gives the untouched base back.
+``full`` fine-tuning trains every weight of the base itself: its "adapter" directory is the whole
+model as ``save_pretrained`` writes it (``config.json`` + ``model.safetensors``), and ``load`` puts
+those weights, strictly, into a copy of the base, so a shared base stays untouched."""
 
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # methods built by this project's tuner (rlora/): R-LoRA's presets, and LoRA-MoE as its per-head-A structure
 RLORA_METHODS = ("rlora", "lora_moe")
+FULL = "full"  # full fine-tuning: no adapter, every weight of the base trains
+FULL_WEIGHTS = "model.safetensors"  # what save_pretrained writes for a model that fits one file
 _SET_HERE = ("task_type", "peft_type", "base_model_name_or_path", "revision", "inference_mode")
 
 
@@ -84,6 +89,8 @@ def build(base, section, total_steps: Optional[int] = None):
 
     import rlora
 
+    if section.method == FULL:
+        return base.requires_grad_(True)
     if section.uses_rlora:
         return rlora.get_peft_model(base, section.to_rlora())
     return peft.get_peft_model(base, section.to_peft(total_steps))
@@ -91,16 +98,19 @@ def build(base, section, total_steps: Optional[int] = None):
 
 def resolved(section, total_steps: Optional[int] = None) -> dict[str, Any]:
     """The full config the adapter is built from (logged as the run's ``resolved.*`` params)."""
+    if section.method == FULL:
+        return {"method": FULL}
     cfg = section.to_rlora() if section.uses_rlora else section.to_peft(total_steps)
     return {k: sorted(v) if isinstance(v, set) else v.value if isinstance(v, enum.Enum) else v
             for k, v in cfg.to_dict().items()}
 
 
 def trainable(model) -> dict[str, float]:
-    """Trainable parameters and their share of the frozen base's (the paper's "% params")."""
+    """Trainable parameters and their share of the base's (the paper's "% params"): the frozen
+    parameters are the base's, or, when nothing is frozen (full fine-tuning), the trained ones are."""
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return {"trainable_params": n_train, "trainable_pct": 100.0 * n_train / n_frozen}
+    return {"trainable_params": n_train, "trainable_pct": 100.0 * n_train / (n_frozen or n_train)}
 
 
 def ab_matrices(model) -> Optional[str]:
@@ -127,9 +137,17 @@ def is_prompt_learning(model) -> bool:
     return bool(configs) and bool(getattr(configs.get(model.active_adapter), "is_prompt_learning", False))
 
 
-def detach(model):
-    """The base model back from a loaded adapter of any method: the adapter layers taken out
-    (``unload``), or for prompt-learning methods, which wrap the base without changing it, the base itself."""
+def is_full(model) -> bool:
+    """Whether ``model`` is a fully fine-tuned model (``load`` of a full directory): no adapter wrapper."""
+    return getattr(model, "peft_config", None) is None
+
+
+def detach(model, base):
+    """The base model back after ``model = load(base, ...)``: the adapter layers taken out
+    (``unload``); for prompt-learning methods, which wrap the base without changing it, the base
+    itself; for a full fine-tune, which was loaded into a copy, ``base`` as it was."""
+    if is_full(model):
+        return base
     return model.get_base_model() if is_prompt_learning(model) else model.unload()
 
 
@@ -138,7 +156,7 @@ def after_optimizer_step(model, step: int) -> None:
     ``optimizer.step()`` and before ``zero_grad``); nothing for the other methods."""
     from peft import PeftType
 
-    if model.peft_config[model.active_adapter].peft_type == PeftType.ADALORA:
+    if not is_full(model) and model.peft_config[model.active_adapter].peft_type == PeftType.ADALORA:
         model.base_model.update_and_allocate(step)
 
 
@@ -152,6 +170,10 @@ def load(base, path: str | Path, is_trainable: bool = False):
     import rlora
 
     path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        if (path / FULL_WEIGHTS).exists():
+            return load_full(base, path, is_trainable)
+        raise AdapterLoadError(f"{path}: neither an adapter (adapter_config.json) nor a fully fine-tuned model ({FULL_WEIGHTS})")
     peft_type = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
     if peft_type == "RLORA":
         return rlora.from_pretrained(base, path, is_trainable=is_trainable)
@@ -173,3 +195,33 @@ def load(base, path: str | Path, is_trainable: bool = False):
                                + "; ".join(f"{kind} tensor(s) {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                                            for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
     return model
+
+
+def load_full(base, path: str | Path, is_trainable: bool = False):
+    """A fully fine-tuned model's weights (``save_pretrained``'s ``model.safetensors``) in a copy of
+    ``base``, strictly: every tensor of the base must be there with its shape (tied ones once) and
+    nothing else, else an AdapterLoadError naming them; ``base`` itself is not changed."""
+    import copy
+
+    from safetensors.torch import load_model
+
+    model = copy.deepcopy(base)
+    try:
+        load_model(model, str(Path(path) / FULL_WEIGHTS), strict=True)
+    except RuntimeError as e:  # missing/unexpected keys, or torch's size mismatch naming the tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise AdapterLoadError(f"{path}: full model {' '.join(lines[1:] if len(lines) > 1 else lines)[:600]}") from None
+    return model.requires_grad_(is_trainable)
+
+
+def restore(model, directory: str | Path) -> None:
+    """A training checkpoint's trained weights (``directory``, as ``save_pretrained`` wrote them)
+    back into the run's model: the adapter's tensors, or for full fine-tuning the whole model's."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file, load_model
+
+    directory = Path(directory)
+    if is_full(model):
+        load_model(model, str(directory / FULL_WEIGHTS), strict=True)
+    else:
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))

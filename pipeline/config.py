@@ -24,9 +24,10 @@ class _Strict(BaseModel):
 
 class AdapterSection(_Strict):
     method: Literal["rlora", "lora_moe", "lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning",
-                    "prefix_tuning"] = Field(
+                    "prefix_tuning", "full"] = Field(
         "rlora", description="rlora: the fields below (presets); lora_moe: the same fields, N independent LoRA "
-        "experts (A_i, B_i) under the router; otherwise PEFT's method, configured by its own section")
+        "experts (A_i, B_i) under the router; full: every weight of the base trains (no adapter); otherwise "
+        "PEFT's method, configured by its own section")
     preset: Literal["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"] = "rlora"
     r: int = Field(8, ge=1)
     num_heads: int = Field(3, ge=1)
@@ -74,6 +75,13 @@ class AdapterSection(_Strict):
         return self.method in RLORA_METHODS
 
     @property
+    def uses_peft(self) -> bool:
+        """Built by one of PEFT's config classes from the method's own section."""
+        from pipeline.adapters import PEFT_METHODS
+
+        return self.method in PEFT_METHODS
+
+    @property
     def tuner_preset(self) -> str:
         """The ``rlora`` preset the adapter is built from (``lora_moe`` for that method)."""
         return "lora_moe" if self.method == "lora_moe" else self.preset
@@ -91,7 +99,7 @@ class AdapterSection(_Strict):
             return f"{self.tuner_preset}-N{self.num_heads}-r{self.r}"
         from pipeline.adapters import PEFT_DEFAULTS
 
-        fields = {**PEFT_DEFAULTS.get(self.method, {}), **getattr(self, self.method)}
+        fields = {**PEFT_DEFAULTS.get(self.method, {}), **getattr(self, self.method, {})}
         r = fields.get("r", fields.get("init_r"))
         v = fields.get("num_virtual_tokens")
         return f"{self.method}" + (f"-r{r}" if r is not None else "") + (f"-v{v}" if v is not None else "")
@@ -219,7 +227,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _peft_method_builds(self):
-        if not self.adapter.uses_rlora:  # e.g. AdaLoRA's tinit/tfinal against train.steps
+        if self.adapter.uses_peft:  # e.g. AdaLoRA's tinit/tfinal against train.steps
             try:
                 self.adapter.to_peft(self.train.steps)
             except ValueError as e:

@@ -120,7 +120,7 @@ def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
         params = {"preset": cfg.adapter.tuner_preset, "num_heads": cfg.adapter.num_heads, "r": cfg.adapter.r,
                   "alpha": cfg.adapter.alpha, "gamma": cfg.adapter.gamma, "head_dropout": cfg.adapter.head_dropout}
     else:
-        params = {"method": cfg.adapter.method, **getattr(cfg.adapter, cfg.adapter.method)}
+        params = {"method": cfg.adapter.method, **getattr(cfg.adapter, cfg.adapter.method, {})}
     return tracker.create_model(name, {**params, "base_model": cfg.model},
                                 tags={"rlora.load": "pipeline.adapters.load(base, <downloaded dir>)"})
 
@@ -194,9 +194,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from pipeline import adapters
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
@@ -229,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            set_peft_model_state_dict(model, load_file(str(Path(d) / "adapter" / "adapter_model.safetensors")))
+            adapters.restore(model, Path(d) / "adapter")
             state = load_trainer_state(Path(d) / TRAINER_STATE, device)
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -428,7 +425,8 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     backend = torch_backend(cfg.scaling, use_gpu)
     params = {**cfg.model_dump(mode="json"), "resolved": {
         "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
-        "rlora" if cfg.adapter.uses_rlora else "peft": adapters.resolved(cfg.adapter, cfg.train.steps),
+        "rlora" if cfg.adapter.uses_rlora else "peft" if cfg.adapter.uses_peft else "full":
+            adapters.resolved(cfg.adapter, cfg.train.steps),
         "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
     # the process driving the run (in a sweep: the trial's actor, reused by later trials)
     tags = {"config_file": config_path or "", "ray.driver_pid": str(os.getpid()), **cfg.adapter.tags,

@@ -25,7 +25,8 @@ def test_ratio_range_from_quartiles_decides_resolved():
 
 def test_method_variants_step_on_a_tiny_architecture(tmp_path):
     out = tmp_path / "ts.json"
-    variants = ["base", "peft_adalora", "peft_ia3", "peft_prompt_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3"]
+    variants = ["base", "peft_adalora", "peft_ia3", "peft_prompt_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3",
+                "full"]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.train_step", "--model", "arch:tiny", "--batch", "2",
                            "--seq", "16", "--steps", "3", "--variants", ",".join(variants), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -41,6 +42,14 @@ def test_method_variants_step_on_a_tiny_architecture(tmp_path):
     # 20 virtual tokens of width 64; prefix tuning: a key and a value of 2 kv heads x 16 per token and layer
     assert rows["peft_prompt_tuning"]["trainable_params"] == 20 * 64
     assert rows["peft_prefix_tuning"]["trainable_params"] == 20 * 2 * 2 * 32
+    # full fine-tuning trains every weight of the architecture (the tied embedding once)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from benchmarks.train_step import MODEL_ARCHS
+
+    kind, kw = MODEL_ARCHS["tiny"]
+    n_arch = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw)).parameters())
+    assert rows["full"]["trainable_params"] == n_arch
 
 
 def test_layer_breakdown_puts_the_adapter_time_in_its_categories():

@@ -157,6 +157,7 @@ def test_metric_names(task, metric):
 
 @pytest.mark.parametrize("args, msg", [
     (["--adapter", "/no/such/dir", "--tasks", "mmlu"], "--adapter: '/no/such/dir' is neither"),
+    (["--adapter", "sweeps", "--tasks", "mmlu"], "--adapter: sweeps has no adapter_config.json (nor a full model's"),
     (["--adapter", "none", "--tasks", "mmlu,hellaswag"], "--tasks: 'hellaswag' has no offline version"),
     (["--sweep", "0" * 32], "--sweep: " + "0" * 32 + " is not a sweep parent run"),
 ])

@@ -15,12 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 PEFT_METHODS = ["lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning"]
 PROMPT_METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning"]
+METHODS = [*PEFT_METHODS, "full"]  # full fine-tuning: every weight of the base trains, saved whole
 STEPS = 6
 # small enough for the tiny model; AdaLoRA prunes from rank 6 to 2 within the 6 steps (tinit 1, tfinal 2)
 SECTIONS = {"lora": {"r": 4, "lora_alpha": 8}, "dora": {"r": 4, "lora_alpha": 8},
             "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1},
             "ia3": {"feedforward_modules": ["down_proj"]}, "prompt_tuning": {"num_virtual_tokens": 4},
-            "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "prefix_tuning": {"num_virtual_tokens": 4}}
+            "p_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 16}, "prefix_tuning": {"num_virtual_tokens": 4},
+            "full": {}}
 
 
 def run_cfg(method, **train):
@@ -62,7 +64,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     from pipeline.models import load_model
 
     out, ids = {}, torch.arange(5, 37)[None]
-    for method in PEFT_METHODS:
+    for method in METHODS:
         cfg = run_cfg(method)
         base, tok = load_model(str(tiny_model_dir))
         torch.manual_seed(0)
@@ -73,7 +75,7 @@ def trained(tiny_model_dir, tmp_path_factory):
     return out, ids
 
 
-@pytest.mark.parametrize("method", PEFT_METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_model_dir):
     from pipeline import adapters
     from pipeline.models import load_model
@@ -89,6 +91,10 @@ def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_m
         torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
     else:
         assert torch.equal(logits(reloaded, ids), expected)
+    if method == "full":  # its weights went into a copy: the base it was given is untouched
+        untouched, _ = load_model(str(tiny_model_dir))
+        assert torch.equal(logits(base, ids), logits(untouched, ids))
+        assert not any(p.requires_grad for p in reloaded.parameters())
     if method == "adalora":  # the budget was allocated: ranks were pruned, and the reload has the pruned shapes
         pattern = model.peft_config["default"].rank_pattern
         assert pattern and any(sum(m) < SECTIONS["adalora"]["init_r"] for m in pattern.values())
@@ -96,8 +102,28 @@ def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_m
         assert min(shapes.values()) < SECTIONS["adalora"]["init_r"]
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpoint_restore_puts_the_trained_weights_back(method, trained, tiny_model_dir):
+    """What a resumed training run does with its checkpoint's ``adapter`` directory: the model it
+    builds afresh gets every trained tensor back (the adapter's, or for full fine-tuning the whole model's)."""
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    out, ids = trained
+    d, expected, model = out[method]
+    base, _ = load_model(str(tiny_model_dir))
+    torch.manual_seed(999)
+    fresh = adapters.build(base, run_cfg(method).adapter, STEPS)
+    assert not torch.equal(logits(fresh, ids), expected)
+    adapters.restore(fresh, d)
+    assert torch.equal(logits(fresh, ids), expected)
+    trained_state = {k: v for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, trained_state[k]) for k, v in fresh.state_dict().items())
+
+
 def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_dir):
     from pipeline import adapters
+    from pipeline.models import load_model
 
     out, _ = trained
     # tiny model: q_proj 64->64, v_proj 64->32 (2 kv heads x 16), down_proj 128->64, 2 layers
@@ -112,6 +138,10 @@ def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_di
     # 2 kv heads x 16 per virtual token and layer
     assert adapters.trainable(out["prompt_tuning"][2])["trainable_params"] == 4 * 64
     assert adapters.trainable(out["prefix_tuning"][2])["trainable_params"] == 4 * 2 * 2 * 32
+    # full fine-tuning: every parameter of the base (the tied embedding once), 100 % of it
+    base, _ = load_model(str(tiny_model_dir))
+    full = adapters.trainable(out["full"][2])
+    assert full == {"trainable_params": sum(p.numel() for p in base.parameters()), "trainable_pct": 100.0}
 
 
 def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
@@ -122,9 +152,9 @@ def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
     from pipeline.models import load_model
 
     out, _ = trained
-    got = {m: adapters.ab_matrices(out[m][2]) for m in PEFT_METHODS}
+    got = {m: adapters.ab_matrices(out[m][2]) for m in METHODS}
     assert got == {"lora": "1/1", "dora": "1/1", "adalora": "1/1", "ia3": None,
-                   "prompt_tuning": None, "p_tuning": None, "prefix_tuning": None}
+                   "prompt_tuning": None, "p_tuning": None, "prefix_tuning": None, "full": None}
     for preset, heads, expected in [("rlora", 3, "1/3"), ("hydralora", 2, "1/2"), ("lora", 1, "1/1")]:
         base, _ = load_model(str(tiny_model_dir))
         model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset(preset, r=4, num_heads=heads))
@@ -158,24 +188,33 @@ def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_mo
     assert torch.equal(logits(adapters.load(fresh, tmp_path), ids), expected)
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
 def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
     from pipeline import adapters
     from pipeline.models import load_model
 
     d = trained[0][method][0]
-    tensors = load_file(str(d / "adapter_model.safetensors"))
-    key = sorted(tensors)[0]
+    weights, config = ((adapters.FULL_WEIGHTS, "config.json") if method == "full"
+                       else ("adapter_model.safetensors", "adapter_config.json"))
+    tensors = load_file(str(d / weights))
+    key = sorted(tensors)[len(tensors) // 2]
+    extra = {**tensors, "model.layers.9.mlp.gate_proj.weight": tensors[key].clone()}
     for name, broken in (("missing", {k: v for k, v in tensors.items() if k != key}),
-                         ("mis-shaped", {**tensors, key: torch.cat([tensors[key], tensors[key]], 0)})):
+                         ("mis-shaped", {**tensors, key: torch.cat([tensors[key], tensors[key]], 0)}),
+                         ("unexpected", extra if method == "full" else None)):
+        if broken is None:
+            continue
         bad = tmp_path / name
         bad.mkdir()
-        (bad / "adapter_config.json").write_text((d / "adapter_config.json").read_text())
-        save_file(broken, str(bad / "adapter_model.safetensors"))
+        (bad / config).write_text((d / config).read_text())
+        save_file(broken, str(bad / weights))
         base, _ = load_model(str(tiny_model_dir))
         with pytest.raises(adapters.AdapterLoadError) as e:
             adapters.load(base, bad)
-        assert key.rsplit(".", 2)[0].split("base_model.model.")[-1] in str(e.value), str(e.value)
+        named = "model.layers.9" if name == "unexpected" else key.rsplit(".", 2)[0].split("base_model.model.")[-1]
+        assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(adapters.AdapterLoadError, match="neither an adapter"):
+        adapters.load(load_model(str(tiny_model_dir))[0], tmp_path)
 
 
 @pytest.mark.parametrize("over, msg", [
@@ -213,11 +252,16 @@ def test_eval_harness_scores_peft_adapters_and_unloads_them(trained, tiny_model_
     out, ids = trained
     ev = Evaluator(EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=8), device="cpu")
     fresh, _ = load_model(str(tiny_model_dir))
-    results = {m: ev.evaluate(EvalJob(m, str(out[m][0]))) for m in ("lora", "ia3", *PROMPT_METHODS)}
+    results = {m: ev.evaluate(EvalJob(m, str(out[m][0]))) for m in ("lora", "ia3", *PROMPT_METHODS, "full")}
     assert all(r["error"] is None and "heldout/sst2" in r["scores"] for r in results.values()), results
     assert torch.equal(logits(ev.base, ids), logits(fresh, ids))  # the base is back, bit for bit
-    alone = Evaluator(ev.settings, device="cpu").evaluate(EvalJob("ia3", str(out["ia3"][0])))
-    assert alone["scores"] == results["ia3"]["scores"]
+    for m in ("ia3", "full"):  # scored the same after other jobs as alone: nothing leaked between jobs
+        alone = Evaluator(ev.settings, device="cpu").evaluate(EvalJob(m, str(out[m][0])))
+        assert alone["scores"] == results[m]["scores"], m
+    # the full fine-tune was scored with its own weights: its per-question log-likelihoods are not the base's
+    base_res = ev.evaluate(EvalJob("base", None))
+    gold = {name: r["examples"].set_index("example_id")["gold_logprob"] for name, r in (("base", base_res), *results.items())}
+    assert (gold["full"] - gold["base"]).abs().min() > 1e-3 and (gold["ia3"] - gold["base"]).abs().min() > 1e-6
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
@@ -346,10 +390,11 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
 
     # one dimension over whole adapter sections; lora's r from the grid, its lora_alpha from the base
     search = {"adapter": {"grid": [{"method": "rlora"}, {"method": "lora", "lora": {"r": 3}}, {"method": "ia3"},
-                                   {"method": "lora_moe"}, {"method": "prompt_tuning"}, {"method": "prefix_tuning"}]}}
+                                   {"method": "lora_moe"}, {"method": "prompt_tuning"}, {"method": "prefix_tuning"},
+                                   {"method": "full"}]}}
     path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
                       tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
-                      eval_={"top_k": 6, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
+                      eval_={"top_k": 7, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
                              "registry_name": "t-methods"})
     data = __import__("yaml").safe_load(path.read_text())
     data["base"]["adapter"].update({"target_modules": ["q_proj", "v_proj", "down_proj"],
@@ -360,16 +405,20 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, parents, children = mlflow_runs(tmp_path)
     by_method = {c.data.tags["rlora.method"]: c for c in children}
-    assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe", "prompt_tuning", "prefix_tuning"} and all(c.info.status == "FINISHED" for c in children)
+    assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe", "prompt_tuning", "prefix_tuning", "full"} and all(c.info.status == "FINISHED" for c in children)
     assert by_method["lora"].data.params["resolved.peft.r"] == "3"  # its own section, nobody else's
     assert by_method["lora"].data.params["resolved.peft.lora_alpha"] == "10"  # merged into the base section
     assert by_method["lora"].data.params["adapter.trainable_params"] == str(2 * 3 * (128 + 96 + 192))
     assert by_method["rlora"].data.params["resolved.rlora.r"] == "4"
-    # no early stopping: trial actors are reused (6 trials, 2 at a time, in fewer than 6 processes),
+    base, _ = load_model(str(tiny_model_dir))
+    n_base = sum(p.numel() for p in base.parameters())
+    assert by_method["full"].data.params["adapter.trainable_params"] == str(n_base)  # every weight trained
+    assert float(by_method["full"].data.params["adapter.trainable_pct"]) == 100.0
+    # no early stopping: trial actors are reused (7 trials, 2 at a time, in fewer than 7 processes),
     # and a method trained after another in the same process is still only itself (checks above)
-    assert len({c.data.tags["ray.driver_pid"] for c in children}) < 6
+    assert len({c.data.tags["ray.driver_pid"] for c in children}) < 7
     versions = client.search_model_versions("name = 't-methods'")
-    assert len(versions) == 6
+    assert len(versions) == 7
     # the trials table and the eval stage's comparison show each trial's % params and A/B matrices
     import pandas as pd
 
@@ -378,7 +427,7 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     comparison = pd.read_csv(client.download_artifacts(parent, "eval/comparison.csv", str(tmp_path / "c")), dtype=str)
     heads = by_method["rlora"].data.params["resolved.rlora.num_heads"]
     for method, ab in [("rlora", f"1/{heads}"), ("lora", "1/1"), ("ia3", "–"), ("lora_moe", f"{heads}/{heads}"),
-                       ("prompt_tuning", "–"), ("prefix_tuning", "–")]:
+                       ("prompt_tuning", "–"), ("prefix_tuning", "–"), ("full", "–")]:
         run = by_method[method]
         pct = f"{float(run.data.params['adapter.trainable_pct']):.3g}"
         trial = trials[trials["mlflow_run"] == run.info.run_id].iloc[0]
@@ -402,7 +451,7 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
         row = report.loc[run.data.tags["rlora.adapter"]]
         m, p = run.data.metrics, run.data.params
         assert row["Avg"].startswith(f"{100 * m['eval/mean_acc']:.1f} ± "), method
-        ab = "–" if method in ("ia3", *PROMPT_METHODS) else p["adapter.ab_matrices"]
+        ab = "–" if method in ("ia3", *PROMPT_METHODS, "full") else p["adapter.ab_matrices"]
         assert (row["% params"], row["A/B"]) == (f"{float(p['adapter.trainable_pct']):.3g}", ab), method
         tps = statistics.median(h.value for h in client.get_metric_history(run.info.run_id, "train/tokens_per_s"))
         assert row["tokens/s"] == f"{tps:.0f}", method
@@ -415,6 +464,11 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
         assert "heldout/sst2" in client.get_run(run.info.run_id).data.metrics, method  # scored by the eval stage
         d = client.download_artifacts(run.info.run_id, "adapter", str(tmp_path / method))
         base, _ = load_model(str(tiny_model_dir))
-        peft_type = adapters.load(base, d).peft_config["default"].peft_type
+        loaded = adapters.load(base, d)
+        if method == "full":  # its own weights, every one of them moved by training
+            assert adapters.is_full(loaded)
+            assert all(not torch.equal(a, b) for a, b in zip(loaded.parameters(), base.parameters()) if a.dim() == 2)
+            continue
+        peft_type = loaded.peft_config["default"].peft_type
         expected = "RLORA" if method in ("rlora", "lora_moe") else method.upper()
         assert str(peft_type.value if hasattr(peft_type, "value") else peft_type) == expected

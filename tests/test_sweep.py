@@ -546,7 +546,7 @@ def test_shipped_sweep_files_validate():
     labels = [trial_run_config(bl.base.model_dump(mode="json"), {"adapter": v}, {"experiment": "e", "trial_name": "t"})
               .adapter.label for v in bl.search["adapter"].grid]
     assert labels == ["rlora-N3-r8", "hydralora-N3-r8", "lora_moe-N3-r8", "lora-r8", "lora-r24", "dora-r8",
-                      "adalora-r12", "ia3", "prompt_tuning-v20", "p_tuning-v20", "prefix_tuning-v20"]
+                      "adalora-r12", "ia3", "prompt_tuning-v20", "p_tuning-v20", "prefix_tuning-v20", "full"]
     ab = load_sweep_config(ROOT / "sweeps" / "ablation.yaml")
     assert ab.search["adapter.preset"].grid == ["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"]
     assert ab.search["train.seed"].grid == [0, 1, 2]
