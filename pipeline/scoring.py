@@ -255,11 +255,22 @@ def choice_accuracy_by_task(model, tok, examples: list[Example], max_length: int
 
 
 def answer_nll_by_task(model, tok, examples: list[Example], max_length: int = 512,
-                       batch_size: int = 16) -> dict[str, float]:
-    """Per-task mean negative log-likelihood per answer token (for generative tasks)."""
+                       batch_size: int = 16) -> dict[str, tuple[float, float]]:
+    """Per task (for generative tasks): the negative log-likelihood per answer token over all its
+    examples' answer tokens, sum(l_i) / sum(n_i), and its standard error. The examples are the
+    sampled units (their tokens are not independent), so the error is the ratio estimator's:
+    sqrt(sum((l_i - R n_i)^2) / (k (k - 1))) / mean(n_i) over the k examples (nan for k = 1)."""
+    import math
+
     scores = continuation_logprobs(model, tok, [(ex.prompt, ex.answer) for ex in examples], max_length, batch_size)
-    tot: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    per_task: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for ex, (lp, n) in zip(examples, scores):
-        tot[ex.task][0] -= lp
-        tot[ex.task][1] += n
-    return {task: s / max(n, 1) for task, (s, n) in tot.items()}
+        per_task[ex.task].append((-lp, n))
+    out = {}
+    for task, rows in per_task.items():
+        k, total_n = len(rows), sum(n for _, n in rows)
+        ratio = sum(nll for nll, _ in rows) / max(total_n, 1)
+        se = (math.sqrt(sum((nll - ratio * n) ** 2 for nll, n in rows) / (k * (k - 1))) / (total_n / k)
+              if k > 1 and total_n else math.nan)
+        out[task] = (ratio, se)
+    return out

@@ -211,7 +211,7 @@ def seed_metrics(per_seed: list[dict], averaged, prefix: str = "eval") -> dict[s
     :func:`score_metrics` on the seed-averaged table (= the mean over seeds), its ``_stderr``
     combining seeds and examples (:func:`seed_mean_se`), and ``<key>_seed_sd``."""
     out = {}
-    base = score_metrics(averaged, prefix)
+    base = score_metrics(averaged, prefix) if averaged is not None and len(averaged) else {}
     cols = {name: col for col, name in VALUE_NAMES.items()}
     for key, value in base.items():
         if key.endswith("/n"):
@@ -228,6 +228,21 @@ def seed_metrics(per_seed: list[dict], averaged, prefix: str = "eval") -> dict[s
         mean, se = seed_mean_se(vals, averaged, cols[name], task)
         out[key] = value
         out[f"{key}_stderr"] = se
+        if len(vals) > 1:
+            out[f"{key}_seed_sd"] = float(np.std(vals, ddof=1))
+    # scores no per-example table carries (a generative task's answer_nll): the mean over seeds, its
+    # error from the spread between seeds and the seeds' own errors (on the same examples: their mean)
+    for key in sorted({k for m in per_seed for k in m} - set(base)):
+        se_key = f"{key}_stderr"
+        if not key.startswith(prefix + "/") or key.endswith(("_stderr", "_seed_sd")):
+            continue
+        vals = [m[key] for m in per_seed if key in m]
+        ses = [m[se_key] for m in per_seed if se_key in m and not math.isnan(m[se_key])]
+        if not ses:
+            continue
+        mean, between = mean_se(vals)
+        parts = [x for x in (between, float(np.mean(ses))) if not math.isnan(x)]
+        out[key], out[se_key] = mean, math.sqrt(sum(x * x for x in parts))
         if len(vals) > 1:
             out[f"{key}_seed_sd"] = float(np.std(vals, ddof=1))
     return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}

@@ -128,7 +128,7 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
             t.finish("FAILED")
             raise
     averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
-    metrics = seed_metrics([o["metrics"] for o in outs], averaged) if averaged is not None else {}
+    metrics = seed_metrics([o["metrics"] for o in outs], averaged)
     steps = cfg.train.steps
     from pipeline.train import adapter_model
 
@@ -438,12 +438,22 @@ def precision_note(cfg: SweepConfig) -> str:
     from pipeline.data import resolve_tasks
     from pipeline.stats import expected_se
 
+    from pipeline.stats import objective_column
+
     n_tasks = len(resolve_tasks(cfg.base.data.tasks))
     n = cfg.base.data.eval_per_task
     se = expected_se(n, n_tasks)
+    col = objective_column(cfg.tune.metric)
+    if col == "correct":
+        what = (f"a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points (paired comparisons "
+                "at the end say which differences between trials are resolved)")
+    elif col is None:  # e.g. a generative task's eval/<task>/answer_nll: no per-example table to pair
+        what = (f"each trial logs its standard error as {cfg.tune.metric}_stderr; there is no paired test for "
+                "this objective: read differences under about two standard errors as not resolved")
+    else:
+        what = "paired comparisons at the end say which differences between trials are resolved"
     return (f"objective {cfg.tune.metric}: {n_tasks} task(s) x {n} held-out examples = {n_tasks * n}, the same "
-            f"for every trial; a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points "
-            f"(paired comparisons at the end say which differences between trials are resolved)"
+            f"for every trial; {what}"
             + (f"; every configuration runs {cfg.tune.seeds} seeds and is ranked by the mean over seeds, whose "
                f"standard error also counts the spread between seeds" if cfg.tune.seeds > 1 else ""))
 

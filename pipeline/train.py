@@ -78,7 +78,8 @@ def evaluate(model, tok, held_out, max_length: int, rank: int = 0, world: int = 
         table = pd.DataFrame([{c: r[c] for c in EXAMPLE_COLUMNS} for r in rows], columns=list(EXAMPLE_COLUMNS))
         out.update(score_metrics(table, prefix="eval"))
     if gen and rank == 0:
-        out.update({f"eval/{t}/answer_nll": v for t, v in answer_nll_by_task(model, tok, gen, max_length).items()})
+        for t, (nll, se) in answer_nll_by_task(model, tok, gen, max_length).items():
+            out.update({f"eval/{t}/answer_nll": nll, f"eval/{t}/answer_nll_stderr": se})
     if rank == 0:
         sims = head_similarity(model)
         if sims:

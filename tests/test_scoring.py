@@ -145,3 +145,35 @@ def test_example_ids_are_stable_distinct_and_follow_input_order(tiny, held_out):
         assert r["example_id"] == rows[i]["example_id"]
         assert r["task"] == held_out[i].task
         assert r["choice_logprobs"] == pytest.approx(by_id[r["example_id"]]["choice_logprobs"], abs=TOL, rel=0)
+
+
+def test_answer_nll_is_per_answer_token_with_the_ratio_estimators_standard_error(tiny):
+    """The generative tasks' held-out objective (``eval/<task>/answer_nll``, GSM8K's single-task
+    sweep ranks on it): every example's answer tokens scored in its own forward pass, the total NLL
+    over the total answer tokens, and the standard error of that ratio over the examples."""
+    import math
+
+    from pipeline.scoring import answer_nll_by_task
+
+    model, tok = tiny
+    examples = task_splits("gsm8k")[1][:5] + task_splits("codealpaca")[0][:3]
+    per_example = {}
+    for ex in examples:  # one unpadded forward per example, the answer's tokens only
+        ctx = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+        cont = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        ids = ctx + cont
+        assert len(ids) <= 512  # nothing truncated at max_length 512
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        nll = -sum(logp[t - 1, ids[t]].item() for t in range(len(ctx), len(ids)))
+        per_example.setdefault(ex.task, []).append((nll, len(cont)))
+    got = answer_nll_by_task(model, tok, examples, max_length=512, batch_size=3)
+    assert set(got) == {"gsm8k", "codealpaca"}
+    for task, rows in per_example.items():
+        k, n = len(rows), sum(c for _, c in rows)
+        ratio = sum(x for x, _ in rows) / n
+        se = math.sqrt(sum((x - ratio * c) ** 2 for x, c in rows) / (k * (k - 1))) / (n / k)
+        assert got[task][0] == pytest.approx(ratio, rel=1e-4)
+        assert got[task][1] == pytest.approx(se, rel=1e-3) and se > 0
+    single = answer_nll_by_task(model, tok, examples[:1], max_length=512)
+    assert math.isnan(single["gsm8k"][1])  # one example: no spread to estimate an error from

@@ -102,3 +102,26 @@ def test_expected_se_for_sweep_settings():
     # 5 tasks x 80 examples near p = 0.6: sqrt(0.24 / 79) / sqrt(5) ≈ 2.46 points
     assert stats.expected_se(80, 5) == pytest.approx(math.sqrt(0.24 / 79) / math.sqrt(5))
     assert stats.expected_se(80, 5) < 0.025 < stats.expected_se(16, 5)
+
+
+def test_seed_metrics_of_a_score_without_a_per_example_table():
+    """A configuration run with 3 seeds on a generative task (GSM8K's single-task sweep): its
+    answer_nll is the mean over seeds, and its error combines the spread between seeds with the
+    seeds' own (same examples, so their mean): se² = sd²/K + mean(se_k)²; keys without an error
+    (head similarity, timings) are not averaged."""
+    per_seed = [{"eval/gsm8k/answer_nll": 2.0, "eval/gsm8k/answer_nll_stderr": 0.10, "eval/head_cos_mean": 0.5},
+                {"eval/gsm8k/answer_nll": 2.3, "eval/gsm8k/answer_nll_stderr": 0.12, "time/loop_s": 3.0},
+                {"eval/gsm8k/answer_nll": 2.6, "eval/gsm8k/answer_nll_stderr": 0.08}]
+    out = stats.seed_metrics(per_seed, None)
+    sd = np.std([2.0, 2.3, 2.6], ddof=1)
+    assert out["eval/gsm8k/answer_nll"] == pytest.approx(2.3)
+    assert out["eval/gsm8k/answer_nll_stderr"] == pytest.approx(math.sqrt(sd ** 2 / 3 + 0.1 ** 2))
+    assert out["eval/gsm8k/answer_nll_seed_sd"] == pytest.approx(sd)
+    assert set(out) == {"eval/gsm8k/answer_nll", "eval/gsm8k/answer_nll_stderr", "eval/gsm8k/answer_nll_seed_sd"}
+    # next to a choice task, the table's scores are unchanged and the generative one is added
+    table = pd.DataFrame({"task": ["sst2"] * 4, "example_id": list("abcd"), "correct": [1.0, 0.0, 1.0, 1.0],
+                          "gold_logprob": [-1.0, -2.0, -1.5, -0.5], "margin": [0.5, -0.2, 0.1, 0.3]})
+    mixed = [{**m, "eval/sst2/acc": 0.75} for m in per_seed]
+    both = stats.seed_metrics(mixed, table)
+    assert both["eval/sst2/acc"] == pytest.approx(0.75) and both["eval/mean_acc"] == pytest.approx(0.75)
+    assert both["eval/gsm8k/answer_nll_stderr"] == pytest.approx(out["eval/gsm8k/answer_nll_stderr"])

@@ -537,7 +537,7 @@ def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, capsy
 def test_shipped_sweep_files_validate():
     from pipeline.config import load_sweep_config
 
-    for name in ("smoke", "heads_gamma", "ablation", "baselines"):
+    for name in ("smoke", "heads_gamma", "ablation", "baselines", "single_task"):
         cfg = load_sweep_config(ROOT / "sweeps" / f"{name}.yaml")
         assert cfg.name == name and cfg.search
     from pipeline.sweep import trial_run_config
@@ -547,6 +547,16 @@ def test_shipped_sweep_files_validate():
               .adapter.label for v in bl.search["adapter"].grid]
     assert labels == ["rlora-N3-r8", "hydralora-N3-r8", "lora_moe-N3-r8", "lora-r8", "lora-r24", "dora-r8",
                       "adalora-r12", "ia3", "prompt_tuning-v20", "p_tuning-v20", "prefix_tuning-v20", "full"]
+    single = load_sweep_config(ROOT / "sweeps" / "single_task.yaml")
+    methods = [trial_run_config(single.base.model_dump(mode="json"), {"adapter": v}, {"experiment": "e", "trial_name": "t"})
+               .adapter.method for v in single.search["adapter"].grid]
+    from typing import get_args
+
+    from pipeline.config import AdapterSection
+
+    assert set(methods) == set(get_args(AdapterSection.model_fields["method"].annotation))  # every method
+    assert single.base.data.tasks == ["gsm8k"]
+    assert single.tune.metric == "eval/gsm8k/answer_nll" and single.tune.mode == "min" and "gsm8k" in single.eval.tasks
     ab = load_sweep_config(ROOT / "sweeps" / "ablation.yaml")
     assert ab.search["adapter.preset"].grid == ["lora", "hydralora", "hydralora+mt", "hydralora+init", "rlora"]
     assert ab.search["train.seed"].grid == [0, 1, 2]
