@@ -155,6 +155,9 @@ def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_p
         assert m["eval/gsm8k/answer_nll_stderr"] > 0 and not math.isnan(m["eval/gsm8k/answer_nll_stderr"])
         assert {"gsm8k/avg", "gsm8k/avg_stderr"} <= set(m)  # the eval stage generated and scored it
     best = min(trials, key=lambda t: t.data.metrics["eval/gsm8k/answer_nll"])  # mode: min
-    assert parents[0].data.params["best.adapter"] == best.data.params["adapter"] or \
-        parents[0].data.tags.get("best_trial") in (None, best.data.tags["rlora.trial_id"])
+    parent = parents[0]
+    assert parent.data.tags["best_trial"] == best.data.tags["rlora.trial_id"]
+    se = best.data.metrics["eval/gsm8k/answer_nll_stderr"]
+    assert parent.data.metrics["sweep/best_eval_gsm8k_answer_nll_stderr"] == pytest.approx(se)
+    assert f"best eval/gsm8k/answer_nll = {best.data.metrics['eval/gsm8k/answer_nll']:.4f} ± {se:.4f}" in proc.stdout
     assert len(client.search_model_versions("name = 't-single'")) == 2
