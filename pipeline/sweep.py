@@ -436,9 +436,7 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[
 def precision_note(cfg: SweepConfig) -> str:
     """What standard error the sweep's settings give its objective, said before it starts."""
     from pipeline.data import resolve_tasks
-    from pipeline.stats import expected_se
-
-    from pipeline.stats import objective_column
+    from pipeline.stats import expected_se, objective_column
 
     n_tasks = len(resolve_tasks(cfg.base.data.tasks))
     n = cfg.base.data.eval_per_task

@@ -195,6 +195,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
+
     from pipeline import adapters
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
