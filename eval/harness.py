@@ -214,8 +214,10 @@ def eval_slots(use_gpu: bool, cpus_per_worker: int, gpus_per_worker: float = 1.0
 
 def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Optional[int] = None,
                   cpus_per_worker: int = 1, use_gpu: Optional[bool] = None, progress: bool = True,
-                  gpus_per_worker: float = 1.0) -> list[dict]:
-    """Run ``jobs`` on Ray actors (each loads the base model once) and return their results in job order."""
+                  gpus_per_worker: float = 1.0, stop=None) -> list[dict]:
+    """Run ``jobs`` on Ray actors (each loads the base model once) and return their results in job order.
+    ``stop`` (a ``threading.Event``): once set, the actors are killed and the jobs not finished are
+    returned as failed ("cancelled"), so a caller in another thread can abandon the work."""
     import ray
     import torch
     from tqdm.auto import tqdm
@@ -244,7 +246,13 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
                 i = queue.pop(0)
                 pending[actor.evaluate.remote(jobs[i])] = (i, actor)
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=None if stop is None else 1.0)
+            if stop is not None and stop.is_set():
+                for k in [*queue, *(i for i, _ in pending.values())]:
+                    results[k] = failed(jobs[k], "cancelled", None)
+                break
+            if not done:
+                continue
             i, actor = pending.pop(done[0])
             try:
                 results[i] = ray.get(done[0])

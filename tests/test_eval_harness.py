@@ -93,6 +93,34 @@ def test_parallel_ray_workers_match_in_process_results(tiny_model_dir, adapters,
             assert r["scores"] == local.evaluate(job)["scores"], job.name
 
 
+@pytest.mark.slow
+def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_model_dir, adapters):
+    """What the sweep's tail does on Ctrl-C (eval.tail.TailEval.cancel): evaluate_jobs returns at
+    once with the jobs not finished marked cancelled, and none of its actors is left alive."""
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    stop = threading.Event()
+    stop.set()
+    jobs = [EvalJob("base"), *(EvalJob(f"a{i}", adapters[i % 2]) for i in range(4))]
+    from pipeline.train import ensure_ray
+
+    ensure_ray()  # started before the clock
+    t0 = time.time()
+    results = evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False, stop=stop)
+    assert [r["error"] for r in results] == ["cancelled"] * 5 and time.time() - t0 < 30
+    deadline = time.time() + 30
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address  # this test's Ray, not any other on the machine
+    while (alive := list_actors(address=gcs, filters=[("class_name", "=", "Evaluator"), ("state", "=", "ALIVE")])) \
+            and time.time() < deadline:
+        time.sleep(1)
+    assert not alive
+
+
 def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
     """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.scoring (the training loop's
     held-out eval) predicts, example by example."""
