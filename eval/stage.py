@@ -15,6 +15,7 @@ gets its version's tags updated, not a second version.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -72,12 +73,16 @@ def _has_adapter(client, run_id: str) -> bool:
     return any(a.path.endswith(("adapter_config.json", FULL_WEIGHTS)) for a in client.list_artifacts(run_id, "adapter"))
 
 
-def select_trials(client, parent, metric: str, mode: str, top_k: int) -> list:
-    """The ``top_k`` finished child runs with an adapter, best first by ``metric``."""
+def _tune_done(run) -> bool:
+    return run.data.tags.get("tune.status") == "DONE"
+
+
+def select_trials(client, parent, metric: str, mode: str, top_k: int, done=_tune_done) -> list:
+    """The ``top_k`` finished child runs with an adapter, best first by ``metric`` (``done``: which
+    trial runs count as finished; after the sweep, those it tagged DONE)."""
     runs = client.search_runs([parent.info.experiment_id],
                               filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=1000)
-    cands = [r for r in runs if r.data.tags.get("rlora.trial_id") and r.data.tags.get("tune.status") == "DONE"
-             and metric in r.data.metrics]
+    cands = [r for r in runs if r.data.tags.get("rlora.trial_id") and done(r) and metric in r.data.metrics]
     sign = -1.0 if mode == "max" else 1.0  # ties broken by trial id, as the sweep's summary does
     cands.sort(key=lambda r: (sign * r.data.metrics[metric], r.data.tags["rlora.trial_id"]))
     chosen = []
@@ -164,18 +169,21 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
     return save_figure(fig, path)
 
 
-def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path) -> dict[str, Any]:
-    """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished."""
+def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path, tail=None) -> dict[str, Any]:
+    """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished
+    (``tail``: what it started in the sweep's tail, ``eval.tail``)."""
     from pipeline.train import _use_gpu
 
     return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
                           cfg.name, list(cfg.search), out_dir, precision=cfg.base.train.precision,
-                          use_gpu=_use_gpu(cfg.base.scaling.use_gpu))
+                          use_gpu=_use_gpu(cfg.base.scaling.use_gpu), tail=tail)
 
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
                    sweep_name: str, params: list[str], out_dir: Path, progress: bool = True,
-                   precision: str = "fp32", use_gpu: Optional[bool] = None) -> dict[str, Any]:
+                   precision: str = "fp32", use_gpu: Optional[bool] = None, tail=None) -> dict[str, Any]:
+    """``tail`` (``eval.tail.TailEval``): the part of the stage started while the sweep's last trials
+    ran; its models are not scored again, the stage waits for them."""
     from pipeline.reports import adapter_cells
     from pipeline.tracking import Tracker
 
@@ -190,23 +198,27 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
     if ev.include_base:
         targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
-    jobs, scores = [], {}
+    in_tail = tail.names() if tail is not None else set()  # started in the sweep's tail (eval.tail)
     units = unit_settings(ev, model, precision)
-    for unit in units:  # family-major: the first (usually the costliest) family of every model starts first
-        for name, run in targets:
-            if run.data.tags.get(SIG_TAG) == sig:  # already scored with these settings: reuse, log nothing
-                scores[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
-                continue
-            adapter = None if name == "base" else f"runs:/{run.info.run_id}/adapter"  # fetched by the worker
-            jobs.append(EvalJob(name=name, adapter_dir=adapter, run_id=run.info.run_id, tracking_uri=tracking_uri,
-                                settings=unit))
+    jobs, scores = jobs_for([t for t in targets if t[0] not in in_tail], units, sig, tracking_uri)
     cached = list(scores)
-    print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings), "
-          f"tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
-    results = merge_results(evaluate_jobs(settings, jobs, max_workers=ev.max_workers,
-                                          cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker,
-                                          use_gpu=use_gpu, progress=progress))
+    print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings"
+          + (f", {len(in_tail)} started in the sweep's tail" if in_tail else "")
+          + f"), tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
+    run_jobs = functools.partial(evaluate_jobs, settings, max_workers=ev.max_workers, cpus_per_worker=ev.cpus_per_worker,
+                                 gpus_per_worker=ev.gpus_per_worker, use_gpu=use_gpu, progress=progress)
+    results = merge_results(run_jobs(jobs))
     scores.update(_log_results(results, settings, tracking_uri, client))
+    if in_tail:  # what the tail scored is read back from its runs; what it did not finish is scored now
+        tail.wait()
+        late = [(name, client.get_run(run.info.run_id)) for name, run in targets if name in in_tail]
+        retry, done = jobs_for(late, units, sig, tracking_uri)
+        scores.update(done)
+        if retry:
+            print(f"eval stage: {len({j.name for j in retry})} model(s) the tail did not finish, scored now", flush=True)
+            more = merge_results(run_jobs(retry))
+            scores.update(_log_results(more, settings, tracking_uri, client))
+            results += more
     registry = ev.registry_name or f"rlora-{sweep_name}"
     versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric, tracking_uri)
                 for name, run in targets if name != "base" and name in scores}
@@ -232,12 +244,30 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     tracker.set_description(with_eval_section(note, f"Registered model `{registry}`.\n\n" + files[0].read_text()))
     failed = {r["name"]: r["error"] for r in results if r["error"]}
     summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
-               "cached": cached, "failed": failed, "signature": sig}
+               "cached": cached, "failed": failed, "signature": sig, "tail": sorted(in_tail),
+               "tail_scored": tail.scored() if tail is not None else {}}
     (Path(out_dir) / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if failed:
         raise EvalStageError(f"eval stage: {len(failed)} of {len(results)} evaluations failed: "
                              + "; ".join(f"{name}: {err}" for name, err in failed.items()))
     return summary
+
+
+def jobs_for(targets: list[tuple[str, Any]], units: list[EvalSettings], sig: str, tracking_uri: str
+             ) -> tuple[list[EvalJob], dict[str, dict]]:
+    """One job per (model, task family) unit of every target not yet scored with these settings
+    (family-major: every model's first, usually costliest, family starts first), and the scores of
+    those already scored (reused, nothing logged again)."""
+    jobs, scores = [], {}
+    for unit in units:
+        for name, run in targets:
+            if run.data.tags.get(SIG_TAG) == sig:
+                scores[name] = {k: v for k, v in run.data.metrics.items() if "/" in k and _is_eval_metric(k)}
+                continue
+            adapter = None if name == "base" else f"runs:/{run.info.run_id}/adapter"  # fetched by the worker
+            jobs.append(EvalJob(name=name, adapter_dir=adapter, run_id=run.info.run_id, tracking_uri=tracking_uri,
+                                settings=unit))
+    return jobs, scores
 
 
 def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:

@@ -360,6 +360,9 @@ class EvalSection(_Strict):
     enabled: bool = True
     top_k: int = Field(2, ge=0, description="best trials (by tune.metric) to evaluate; 0: base model only")
     include_base: bool = True
+    overlap: bool = Field(True, description="start scoring in the sweep's tail (once its last trial has started): the "
+                                            "base model, and trials already sure to be in the top k, on slots "
+                                            "finished trials leave idle")
     task_source: Literal["local", "stock"] = Field("local", description="stock: lm-eval's own tasks (needs the hub)")
     tasks: list[str] = Field(default_factory=lambda: ["bbh", "mmlu", "mmlu_continuation"], min_length=1)
     limit: Union[None, float, dict[str, float]] = Field(

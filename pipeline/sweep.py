@@ -208,7 +208,8 @@ def ray_storage(cfg: SweepConfig, sweep_dir: Path) -> str:
     return str(sweep_dir)
 
 
-def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_uri: str, resume: bool):
+def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_uri: str, resume: bool,
+                callbacks: Optional[list] = None):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -243,7 +244,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
                                     max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname,
                                     reuse_actors=reuse_trial_actors(cfg)),
         run_config=tune.RunConfig(name="tune", storage_path=ray_storage(cfg, sweep_dir),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks),
     )
 
 
@@ -495,20 +496,30 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
     print(precision_note(cfg), flush=True)
 
+    from pipeline.tail import TailStart, tail_stage
+
+    # the eval stage's head start in the sweep's tail (eval.overlap; not on --resume: Tune restores
+    # a sweep with the callbacks it started with)
+    tail = None if resume else tail_stage(cfg, tracker.run_id, tracking_uri)
     try:
         ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
         slots = concurrency(cfg)
-        tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume))
+        tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume),
+                            callbacks=[TailStart(expected_trials(cfg), tail)] if tail is not None else None)
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
             results = None
     except BaseException as e:
+        if tail is not None:
+            tail.cancel()
         if not isinstance(e, KeyboardInterrupt):
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
             tracker.finish("FAILED")
         raise
     interrupted = results is None or sum(map(_trial_ended, results)) < expected_trials(cfg)
+    if interrupted and tail is not None:
+        tail.cancel()
     if interrupted:
         tracker.client.update_run(tracker.run_id, status="KILLED")
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
@@ -529,7 +540,11 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     out["timing"] = timing
     tracker.finish("FINISHED")
     if cfg.eval.enabled:
-        out["eval"] = eval_stage(cfg, tracker.run_id, tracking_uri, sweep_dir)
+        try:
+            out["eval"] = eval_stage(cfg, tracker.run_id, tracking_uri, sweep_dir, tail=tail)
+        finally:
+            if tail is not None:
+                tail.cancel()  # a no-op once the stage has waited for it
     return {**out, "wall_s": wall, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id,
             "tracking_uri": tracking_uri, "experiment": cfg.base.mlflow.experiment}
 
@@ -554,9 +569,11 @@ def post_sweep_stage():
     return found[0].load()
 
 
-def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path) -> dict[str, Any]:
+def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path, tail=None) -> dict[str, Any]:
     t0 = time.time()
-    out = post_sweep_stage()(cfg, parent_run_id, tracking_uri, sweep_dir / "eval")
+    stage = post_sweep_stage()
+    args = {"tail": tail} if tail is not None else {}
+    out = stage(cfg, parent_run_id, tracking_uri, sweep_dir / "eval", **args)
     out["wall_s"] = time.time() - t0
     return out
 
@@ -645,7 +662,8 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
              if "sweep/trial_startup_median_s" in t else ""))
     if out.get("eval"):
         ev = out["eval"]
-        print(f"eval stage ({ev['wall_s']:.0f}s): {len(ev['rows'])} model(s) -> {cfg.eval.tasks}; "
+        head = f", {len(ev['tail'])} of them started in the sweep's tail" if ev.get("tail") else ""
+        print(f"eval stage ({ev['wall_s']:.0f}s after the trials{head}): {len(ev['rows'])} model(s) -> {cfg.eval.tasks}; "
               f"adapters registered as '{ev['registry']}' versions {sorted(ev['versions'].values(), key=int)}")
         print(open(Path(out["sweep_dir"]) / "eval" / "comparison.md").read().rstrip())
     uri = out["tracking_uri"]
