@@ -7,7 +7,8 @@ its MLflow run and splits the slot-time (slots x sweep wall time) into: the swee
 before the first trial (Ray start, parent run, Tune), each trial phase summed over trials (start-up:
 driver, Ray Train, worker init, model, adapter, data, tracking; training loop; finish and upload),
 between-trial gaps of busy slots (Tune's trial start/stop), idle slots while fewer trials than
-slots run, and the summary after the last trial. ``--before KEY=VALUE`` adds a second arm with
+slots run, and the summary after the last trial. ``--with-eval`` keeps the eval stage and adds
+the whole command's wall time and the stage's time after the trials. ``--before KEY=VALUE`` adds a second arm with
 those overrides (e.g. ``tune.reuse_actors=false``); ``--repeats`` runs each arm that many times,
 alternating, and the table shows mean ± standard error over the repeats. Writes JSON.
 """
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_json
@@ -66,14 +68,17 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
     return (parent.info.start_time / 1e3, parent.info.end_time / 1e3), trials, slots
 
 
-def run_once(config: str, overrides: list[str]) -> dict:
-    """One sweep in a fresh store and output directory; its slot-time breakdown."""
+def run_once(config: str, overrides: list[str], with_eval: bool = False) -> dict:
+    """One sweep in a fresh store and output directory; its slot-time breakdown (``with_eval``:
+    its eval stage too, and the whole command's wall time)."""
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         cmd = [sys.executable, "-m", "pipeline.sweep", str(Path(config).resolve()),
-               "--set", "eval.enabled=false", "--set", f"base.mlflow.tracking_uri={uri}",
+               *([] if with_eval else ["--set", "eval.enabled=false"]), "--set", f"base.mlflow.tracking_uri={uri}",
                "--set", f"base.output_dir={tmp}/out", *[x for o in overrides for x in ("--set", o)]]
+        t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "RAY_ADDRESS": ""})
+        wall = time.time() - t0
         if proc.returncode != 0:
             sys.exit(f"sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         parent_id = re.search(r"MLflow parent run (\w+)", proc.stdout).group(1)
@@ -81,7 +86,13 @@ def run_once(config: str, overrides: list[str]) -> dict:
     total = slots * (parent[1] - parent[0])
     cats = slot_breakdown(parent, trials, slots)
     startup = [t["setup_s"] for t in trials if t["setup_s"] is not None]
-    return {"trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
+    extra = {}
+    if with_eval:  # the stage after the trials, and how many models it found already started in the tail
+        stage = re.search(r"^eval stage \((\d+)s after the trials", proc.stdout, re.M)
+        tail = re.search(r"(\d+) started in the sweep's tail", proc.stdout)
+        extra = {"command_wall_s": wall, "eval_after_trials_s": float(stage.group(1)) if stage else None,
+                 "models_started_in_tail": int(tail.group(1)) if tail else 0}
+    return {**extra, "trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
             "outside_training_share": 1 - cats.get("trial: loop", 0.0) / total, "categories": cats,
             "startup_first_s": startup[0] if startup else None,
             "startup_later_median_s": statistics.median(startup[1:]) if len(startup) > 1 else None,
@@ -106,6 +117,9 @@ def main(argv=None):
     ap.add_argument("--before", action="append", default=[], metavar="KEY=VALUE",
                     help="also run a 'before' arm with these overrides (repeatable), e.g. tune.reuse_actors=false")
     ap.add_argument("--repeats", type=int, default=1, help="sweeps per arm (arms alternate)")
+    ap.add_argument("--with-eval", action="store_true",
+                    help="keep the sweep's eval stage on and report the whole command's wall time (e.g. with "
+                         "--before eval.overlap=false: the stage's head start in the sweep's tail)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_overhead-cpu.json"))
     args = ap.parse_args(argv)
 
@@ -115,7 +129,7 @@ def main(argv=None):
     for k in range(args.repeats):
         for arm, overrides in arms.items():
             print(f"sweep_overhead: {arm} #{k + 1} ...", flush=True)
-            runs[arm].append(run_once(args.config, overrides))
+            runs[arm].append(run_once(args.config, overrides, args.with_eval))
     first = next(iter(runs.values()))[0]
     print(f"\n{args.config} {' '.join(args.overrides)}: {first['trials']} trials, {first['slots']} slot(s); "
           f"mean ± se over {args.repeats} sweep(s) per arm; slot-seconds")
@@ -124,10 +138,15 @@ def main(argv=None):
             for c in cats]
     for key, label, fmt in [("slot_s", "slot-time", ".0f"), ("outside_training_share", "outside training loops", ".3f"),
                             ("startup_first_s", "start-up, first trial (s)", ".1f"),
-                            ("startup_later_median_s", "start-up, later trials, median (s)", ".1f")]:
+                            ("startup_later_median_s", "start-up, later trials, median (s)", ".1f"),
+                            *([("command_wall_s", "sweep + eval stage, wall (s)", ".0f"),
+                               ("eval_after_trials_s", "eval stage after the trials (s)", ".0f"),
+                               ("models_started_in_tail", "models started in the sweep's tail", ".1f")]
+                              if args.with_eval else [])]:
         rows.append({"category": label, **{a: cell([r[key] for r in rs], fmt) for a, rs in runs.items()}})
     print_table(rows, [("category", "where the slot-time went", ""), *[(a, a, "") for a in runs]])
     write_json(args.out, {"config": args.config, "overrides": args.overrides, "before": args.before,
+                          "with_eval": args.with_eval,
                           "repeats": args.repeats, "runs": runs})
     print(f"wrote {args.out}")
 
