@@ -198,7 +198,8 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
     if ev.include_base:
         targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
-    in_tail = tail.names() if tail is not None else set()  # started in the sweep's tail (eval.tail)
+    # started in the sweep's tail (eval.tail); a trial it started that the stage did not select is left out
+    in_tail = {name for name, _ in targets} & (tail.names() if tail is not None else set())
     units = unit_settings(ev, model, precision)
     jobs, scores = jobs_for([t for t in targets if t[0] not in in_tail], units, sig, tracking_uri)
     cached = list(scores)
