@@ -5,7 +5,8 @@ One row per adapter (the run's ``rlora.adapter`` label: ``rlora-N3-r8``, ``lora-
 held-out accuracy per task and its macro average (mean over seeds ± standard error over seeds and
 examples), the paired difference to R-LoRA with its 95 % interval (same examples, seeds matched),
 trainable parameters as % of the base, the A/B matrix counts, and training throughput (median of
-the logged ``train/tokens_per_s`` over a run's steps, mean over seeds). A trial trained with
+the logged ``train/tokens_per_s`` over a run's steps, mean over seeds) and peak memory (the
+logged ``train/peak_mem_gb``, mean over seeds). A trial trained with
 ``tune.seeds`` > 1 contributes its nested seed runs, a sweep with seeds as a grid dimension its
 trials; either way every seed is one record, as in the ablation report.
 """
@@ -25,6 +26,11 @@ def _records(client, run) -> list:
 def _tokens_per_s(client, run_id: str) -> Optional[float]:
     hist = client.get_metric_history(run_id, "train/tokens_per_s")
     return statistics.median(h.value for h in hist) if hist else None
+
+
+def _peak_mem_gb(client, run_id: str) -> Optional[float]:
+    hist = client.get_metric_history(run_id, "train/peak_mem_gb")
+    return max(h.value for h in hist) if hist else None
 
 
 def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -47,7 +53,8 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
                 **seed_record(client, r, tasks),
                 "reference": p.get("adapter.method") == "rlora" and p.get("adapter.preset") == "rlora",
                 "pct": float(p["adapter.trainable_pct"]) if p.get("adapter.trainable_pct") else None,
-                "ab": p.get("adapter.ab_matrices"), "tokens_per_s": _tokens_per_s(client, r.info.run_id)})
+                "ab": p.get("adapter.ab_matrices"), "tokens_per_s": _tokens_per_s(client, r.info.run_id),
+                "peak_mem_gb": _peak_mem_gb(client, r.info.run_id)})
     return arms
 
 
@@ -61,6 +68,7 @@ def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], lis
     for label, recs in arms.items():
         tps = [r["tokens_per_s"] for r in recs if r["tokens_per_s"] is not None]
         pct = [r["pct"] for r in recs if r["pct"] is not None]
+        mem = [r["peak_mem_gb"] for r in recs if r.get("peak_mem_gb") is not None]
         mean, se = arm_score(recs)
         row = {"adapter": label, "seeds": len(recs),
                **{TASK_LABELS.get(t, t): _cell(*arm_score(recs, t)) for t in tasks},
@@ -68,13 +76,14 @@ def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], lis
                "Δ vs R-LoRA": "–" if ref is None or label == ref else _delta_cell(arm_difference(recs, arms[ref])),
                "% params": f"{statistics.fmean(pct):.3g}" if pct else "–",
                "A/B": recs[0]["ab"] if recs[0]["ab"] not in (None, "None") else "–",
-               "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "–"}
+               "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "–",
+               "peak mem (GiB)": f"{statistics.fmean(mem):.2f}" if mem else "–"}
         rows.append(row)
     rows.sort(key=lambda row: (-row["_avg"], row["adapter"]))
     for row in rows:
         del row["_avg"]
     cols = ["adapter", "seeds", *[TASK_LABELS.get(t, t) for t in tasks], "Avg", "Δ vs R-LoRA", "% params", "A/B",
-            "tokens/s"]
+            "tokens/s", "peak mem (GiB)"]
     return cols, rows, ref
 
 
@@ -100,7 +109,9 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
              "examples and seeds; n.r. = not resolved (the interval contains 0). % params: trainable parameters "
              "as a share of the frozen base. A/B: low-rank down/up matrices per adapted layer. tokens/s: median "
              "training throughput over a run's steps, mean over seeds (trials ran side by side on shared cores: "
-             "compare with `benchmarks.train_step --variants methods`, which times each method alone).", ""]
+             "compare with `benchmarks.train_step --variants methods`, which times each method alone). peak mem: "
+             "the training worker's peak memory (GPU: CUDA's peak allocation; CPU: peak resident set, "
+             "interpreter and libraries included), mean over seeds; – for runs from before it was logged.", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     for f in [report, *tables]:

@@ -50,3 +50,16 @@ def accumulate_gradients(model, micro_batches: list[dict], device, precision: st
         loss_sum += loss.item()
         tokens += float(batch["attention_mask"].sum())
     return loss_sum, tokens
+
+
+def peak_memory_gb(device) -> float:
+    """This process's peak memory so far, GiB: on a GPU the CUDA allocator's peak on ``device``,
+    else the peak resident set size (``ru_maxrss``, KiB on Linux): model, optimizer, activations
+    and the interpreter, as a machine's memory limit sees them."""
+    import resource
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

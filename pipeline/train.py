@@ -200,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
     from pipeline.precision import autocast, load_dtype
-    from pipeline.step import accumulate_gradients, enable_gradient_checkpointing
+    from pipeline.step import accumulate_gradients, enable_gradient_checkpointing, peak_memory_gb
     from pipeline.tracking import Tracker
 
     t_enter = time.perf_counter()
@@ -313,6 +313,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 metrics.update(evals)
                 metrics["time/loop_s"] = time.perf_counter() - t_loop
                 tracker.log_metrics(evals, step=step, model_id=loop_config.get("model_id"))
+                tracker.log_metrics({"train/peak_mem_gb": peak_memory_gb(device)}, step=step)
                 _log_examples(tracker, table, step)
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         metrics["time/at/report"] = time.time()

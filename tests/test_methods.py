@@ -455,6 +455,9 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
         assert (row["% params"], row["A/B"]) == (f"{float(p['adapter.trainable_pct']):.3g}", ab), method
         tps = statistics.median(h.value for h in client.get_metric_history(run.info.run_id, "train/tokens_per_s"))
         assert row["tokens/s"] == f"{tps:.0f}", method
+        peak = [h.value for h in client.get_metric_history(run.info.run_id, "train/peak_mem_gb")]
+        assert len(peak) == 2 and 0.2 < peak[0] <= peak[1] < 64, method  # at each eval step, never falling
+        assert row["peak mem (GiB)"] == f"{peak[1]:.2f}", method
         if method == "rlora":
             assert row["Δ vs R-LoRA"] == "–"
         else:  # a paired difference with its interval, or the same examples' outcomes (+0.0 [+0.0, +0.0])

@@ -289,3 +289,19 @@ print(json.dumps([[o["run_id"], o["metrics"].get("step")] for o in outs]))
 
     assert client.get_logged_model(run.outputs.model_outputs[0].model_id).status == LoggedModelStatus.READY
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == list(range(1, 9))
+
+
+def test_peak_memory_is_the_processes_peak_resident_set(tmp_path):
+    """train/peak_mem_gb on a CPU worker: ru_maxrss of the process, so touching 600 MiB more than
+    it ever held raises it by about that much (a fresh process, to start from a known peak)."""
+    code = ("import torch; from pipeline.step import peak_memory_gb\n"
+            "a = peak_memory_gb(torch.device('cpu'))\n"
+            "x = torch.ones(600 * 2**20 // 4)\n"
+            "b = peak_memory_gb(torch.device('cpu'))\n"
+            "del x\n"
+            "print(a, b, peak_memory_gb(torch.device('cpu')))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    a, b, c = map(float, out.stdout.split())
+    assert 0.1 < a < b and 0.55 < b - a < 0.65 and c == b  # a peak: freeing does not lower it
