@@ -105,8 +105,8 @@ class TailEval:
         for r in ok:
             self._scored[r["name"]] = time.time() - self.t0
         bad = [f"{r['name']} ({r['error'].splitlines()[0][:120]})" for r in results if r["error"]]
-        print(f"eval stage, in the sweep's tail: {', '.join(r['name'] for r in ok) or 'nothing'} scored"
-              + (f"; not scored: {', '.join(bad)}" if bad else ""), flush=True)
+        if bad:  # success is counted in the stage's own line; a person only needs to hear of a failure
+            print(f"eval stage, in the sweep's tail: not scored (retried after the trials): {', '.join(bad)}", flush=True)
 
     def wait(self) -> None:
         """Until everything the tail started has ended (its errors are printed, not raised)."""
