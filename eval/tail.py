@@ -41,6 +41,13 @@ def certain_trials(client, parent, metric: str, mode: str, top_k: int, expected:
                          done=lambda r: r.info.status == "FINISHED" and r.data.tags.get("tune.status", "DONE") == "DONE")
 
 
+def _pending_placement_groups() -> bool:
+    """Whether any placement group (a Train worker group claiming its slot) is still pending."""
+    from ray.util import placement_group_table
+
+    return any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in placement_group_table().values())
+
+
 class TailEval:
     """Started by the sweep (``pipeline.tail.tail_stage``); ``update()`` is called from Tune's
     callback thread and returns at once, the scoring runs in this object's threads."""
@@ -71,8 +78,8 @@ class TailEval:
         """Start scoring what is now certain to be scored; returns the models started by this call."""
         from pipeline.tracking import Tracker
 
-        if self.stop.is_set():
-            return []
+        if self.stop.is_set() or _pending_placement_groups():
+            return []  # a trial's worker group still waits for its slot: an eval actor must not take it
         ev = self.cfg.eval
         tracker = Tracker(self.uri, self.parent_run_id)
         client = tracker.client

@@ -32,9 +32,8 @@ def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
 
 
 class TailStart(Callback):
-    """A Tune callback that calls ``tail.update()`` when the sweep's last trial starts (every
-    configuration has a trial and none is waiting for resources) and whenever a trial ends after
-    that. An error there is printed in one line and never stops the sweep: what the tail did not
+    """A Tune callback that calls ``tail.update()`` whenever a trial ends after the sweep's last
+    trial has started (every configuration has a trial and none is waiting for resources). An error there is printed in one line and never stops the sweep: what the tail did not
     score, the stage after the sweep does. Tune pickles its callbacks with the experiment state:
     the tail (threads, Ray actors) stays out of the pickle, so a restored sweep has none."""
 
@@ -54,11 +53,13 @@ class TailStart(Callback):
                   " (scored after the trials instead)", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        # Tune calls this before it marks ``trial`` RUNNING: every other trial must be past PENDING
+        # Tune calls this before it marks ``trial`` RUNNING: every other trial must be past PENDING.
+        # Nothing is scored yet: this trial's Train worker group has still to claim its slot, and an
+        # eval actor asking at the same moment could take it (seen: the last trial's worker group
+        # timed out waiting); the tail begins at the next trial's end.
         if not self.started and len(trials) >= self.expected_trials and all(
                 t is trial or t.status != "PENDING" for t in trials):
             self.started = True
-            self._update()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self.started:
