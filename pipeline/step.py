@@ -54,12 +54,23 @@ def accumulate_gradients(model, micro_batches: list[dict], device, precision: st
 
 def peak_memory_gb(device) -> float:
     """This process's peak memory so far, GiB: on a GPU the CUDA allocator's peak on ``device``,
-    else the peak resident set size (``ru_maxrss``, KiB on Linux): model, optimizer, activations
-    and the interpreter, as a machine's memory limit sees them."""
+    else the peak resident set size (model, optimizer, activations and the interpreter, as a
+    machine's memory limit sees them). On Linux that is ``VmHWM`` of ``/proc/self/status``, not
+    ``ru_maxrss``: the kernel carries ``ru_maxrss`` across fork + exec, so a worker started by a
+    3 GiB process would report 3 GiB before it allocated anything."""
     import resource
+    import sys
 
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS, KiB elsewhere
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)

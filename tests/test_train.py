@@ -292,16 +292,23 @@ print(json.dumps([[o["run_id"], o["metrics"].get("step")] for o in outs]))
 
 
 def test_peak_memory_is_the_processes_peak_resident_set(tmp_path):
-    """train/peak_mem_gb on a CPU worker: ru_maxrss of the process, so touching 600 MiB more than
-    it ever held raises it by about that much (a fresh process, to start from a known peak)."""
-    code = ("import torch; from pipeline.step import peak_memory_gb\n"
-            "a = peak_memory_gb(torch.device('cpu'))\n"
-            "x = torch.ones(600 * 2**20 // 4)\n"
-            "b = peak_memory_gb(torch.device('cpu'))\n"
-            "del x\n"
-            "print(a, b, peak_memory_gb(torch.device('cpu')))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+    """train/peak_mem_gb on a CPU worker: the process's own peak resident set, so touching 600 MiB
+    more than it ever held raises it by about that much, freeing does not lower it, and a process
+    started by a parent that holds 1 GiB does not inherit the parent's peak (the kernel carries
+    ru_maxrss across fork + exec: CI's 3 GiB pytest process once made a == b)."""
+    child = ("import torch; from pipeline.step import peak_memory_gb\n"
+             "a = peak_memory_gb(torch.device('cpu'))\n"
+             "x = torch.ones(600 * 2**20 // 4)\n"
+             "b = peak_memory_gb(torch.device('cpu'))\n"
+             "del x\n"
+             "print(a, b, peak_memory_gb(torch.device('cpu')))\n")
+    parent = ("import subprocess, sys, torch\n"
+              "held = torch.ones(2**30 // 4)\n"
+              f"sys.stdout.write(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True,"
+              " check=True).stdout)\n")
+    out = subprocess.run([sys.executable, "-c", parent], cwd=Path(__file__).resolve().parents[1], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     a, b, c = map(float, out.stdout.split())
-    assert 0.1 < a < b and 0.55 < b - a < 0.65 and c == b  # a peak: freeing does not lower it
+    assert 0.1 < a < 0.9 and a < b and 0.55 < b - a < 0.65
+    assert c > b - 0.01  # a peak: freeing the 600 MiB does not lower it (VmHWM settles within pages)
