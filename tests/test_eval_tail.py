@@ -80,3 +80,59 @@ def test_the_eval_stage_starts_in_the_sweeps_tail_and_scores_each_model_once(tmp
     for name in {"base", *(c.data.tags["rlora.trial_id"] for c in children)} - set(summary["tail"]):
         assert len(client.get_metric_history(by_name[name].info.run_id, "mmlu/avg")) == 1
     assert len(client.search_model_versions("name='t-tail'")) == 3
+
+
+def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_that_start():
+    """At the last trial's start its Train worker group has yet to claim its slot: an eval actor
+    started then could take it (make sweep once timed out the worker group ten times). Real Tune
+    trials (stub mode) go through the callback; the tail records when it is asked to start."""
+    from ray.tune.experiment import Trial
+
+    from pipeline.tail import TailStart
+
+    class Recorder:
+        calls = 0
+
+        def update(self):
+            Recorder.calls += 1
+            return []
+
+    trials = [Trial("t", stub=True) for _ in range(3)]
+    cb = TailStart(expected_trials=3, tail=Recorder())
+    trials[0].status = trials[1].status = "RUNNING"
+    cb.on_trial_start(0, trials[:2], trials[1])  # 2 of 3 trials exist: the sweep is not in its tail
+    cb.on_trial_start(0, trials, trials[1])  # all 3 exist, the third waits for a slot: not either
+    cb.on_trial_complete(0, trials, trials[0])  # a trial ends while the third still waits (PENDING)
+    assert Recorder.calls == 0
+    cb.on_trial_start(0, trials, trials[2])  # the last trial starts: still nothing
+    assert Recorder.calls == 0
+    trials[2].status = "RUNNING"
+    cb.on_trial_complete(0, trials, trials[1])
+    cb.on_trial_error(0, trials, trials[2])
+    assert Recorder.calls == 2
+    import pickle
+
+    assert pickle.loads(pickle.dumps(cb)).tail is None  # Tune stores callbacks: the tail stays out
+
+
+def test_a_pending_placement_group_holds_the_tail_back(tmp_path):
+    """While a placement group waits for resources (a trial's worker group claiming its slot) the
+    tail starts nothing; a real 1-CPU Ray instance with a 2-CPU group that cannot be placed."""
+    import ray
+    from ray.util import placement_group, remove_placement_group
+
+    from eval.tail import _pending_placement_groups
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        ready = placement_group([{"CPU": 1}])
+        ray.get(ready.ready(), timeout=60)
+        assert not _pending_placement_groups()
+        remove_placement_group(ready)
+        pending = placement_group([{"CPU": 2}])
+        assert not pending.wait(timeout_seconds=1)
+        assert _pending_placement_groups()
+        remove_placement_group(pending)
+        assert not _pending_placement_groups()
+    finally:
+        ray.shutdown()
