@@ -258,13 +258,16 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
                 results[i] = ray.get(done[0])
             except Exception as e:  # the actor died (out of memory, killed): record it, keep going
                 results[i] = failed(jobs[i], f"{type(e).__name__}: {str(e).splitlines()[0]}", None)
-                actor = spawn()
-                actors.append(actor)
+                if queue:  # a replacement only if there is work left for it
+                    actor = spawn()
+                    actors.append(actor)
             bar.update(1)
             bar.set_postfix_str(f"{jobs[i].name} {'failed' if results[i]['error'] else 'done'}")
             if queue:
                 j = queue.pop(0)
                 pending[actor.evaluate.remote(jobs[j])] = (j, actor)
+            else:  # nothing left for it: free its slot now for whoever waits (the stage beside its tail, a trial)
+                ray.kill(actor)
     finally:
         bar.close()
         for actor in actors:

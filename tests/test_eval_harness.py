@@ -121,6 +121,43 @@ def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_mode
     assert not alive
 
 
+@pytest.mark.slow
+def test_an_actor_with_no_job_left_frees_its_slot_while_the_others_still_run(tiny_model_dir, adapters):
+    """2 short jobs and a long one on 2 actors: once the queue is empty an actor that finished is
+    killed at once, so its slot is free for another pool (the stage beside its tail) while the long
+    job still runs. Kept alive to the end (the old behaviour), no Evaluator dies before the call returns."""
+    import threading
+    import time
+
+    import ray
+    from ray.util.state import list_actors
+
+    from pipeline.train import ensure_ray
+
+    ensure_ray()
+    gcs = ray.get_runtime_context().gcs_address
+    before = {a.actor_id for a in list_actors(address=gcs, filters=[("class_name", "=", "Evaluator")], limit=1000)}
+    import dataclasses
+
+    long = dataclasses.replace(settings_for(tiny_model_dir), limit=8 * N)
+    jobs = [EvalJob("base"), EvalJob("a0", adapters[0]), EvalJob("a1", adapters[1], settings=long)]
+    out: dict = {}
+    run = threading.Thread(target=lambda: out.update(
+        results=evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False),
+        end=time.time()))
+    run.start()
+    first_dead = None  # when one of this call's actors was first seen dead
+    while run.is_alive():
+        mine = [a for a in list_actors(address=gcs, filters=[("class_name", "=", "Evaluator")], limit=1000)
+                if a.actor_id not in before]
+        if first_dead is None and any(a.state == "DEAD" for a in mine):
+            first_dead = time.time()
+        time.sleep(0.2)
+    run.join()
+    assert [r["error"] for r in out["results"]] == [None] * 3
+    assert first_dead is not None and out["end"] - first_dead > 2.0, (first_dead, out["end"])
+
+
 def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
     """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.scoring (the training loop's
     held-out eval) predicts, example by example."""
