@@ -33,8 +33,9 @@ def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
 
 class TailStart(Callback):
     """A Tune callback that calls ``tail.update()`` whenever a trial ends after the sweep's last
-    trial has started (every configuration has a trial and none is waiting for resources). An error there is printed in one line and never stops the sweep: what the tail did not
-    score, the stage after the sweep does. Tune pickles its callbacks with the experiment state:
+    trial has started (every configuration has a trial and none is waiting for resources). An
+    error there is printed in one line and never stops the sweep: what the tail did not score,
+    the stage after the sweep does. Tune pickles its callbacks with the experiment state:
     the tail (threads, Ray actors) stays out of the pickle, so a restored sweep has none."""
 
     def __init__(self, expected_trials: int, tail):
