@@ -151,13 +151,33 @@ def detach(model, base):
     return model.get_base_model() if is_prompt_learning(model) else model.unload()
 
 
+def _is_adalora(model) -> bool:
+    from peft import PeftType
+
+    return not is_full(model) and model.peft_config[model.active_adapter].peft_type == PeftType.ADALORA
+
+
 def after_optimizer_step(model, step: int) -> None:
     """AdaLoRA's budget allocation (importance scores from this step's gradients: call it after
     ``optimizer.step()`` and before ``zero_grad``); nothing for the other methods."""
-    from peft import PeftType
-
-    if not is_full(model) and model.peft_config[model.active_adapter].peft_type == PeftType.ADALORA:
+    if _is_adalora(model):
         model.base_model.update_and_allocate(step)
+
+
+def training_state(model) -> dict[str, Any]:
+    """What a training checkpoint needs beside ``save_pretrained``'s directory to resume exactly
+    (plain tensors and containers, for ``torch.load(weights_only=True)``). For AdaLoRA: once ranks
+    are allocated, ``save_pretrained`` writes each matrix cut to its allocated rank, but training
+    goes on at the initial rank with the pruned rows masked (and the optimizer's state has that
+    shape), so the checkpoint keeps the trainable tensors at full rank, the rank pattern and the
+    rank allocator's importance averages. Nothing for the other methods."""
+    if not _is_adalora(model):
+        return {}
+    alloc = model.base_model.rankallocator
+    return {"adalora": {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+        "rank_pattern": model.peft_config[model.active_adapter].rank_pattern,
+        "ipt": dict(alloc.ipt), "exp_avg_ipt": dict(alloc.exp_avg_ipt), "exp_avg_unc": dict(alloc.exp_avg_unc)}}
 
 
 def load(base, path: str | Path, is_trainable: bool = False):
@@ -214,13 +234,36 @@ def load_full(base, path: str | Path, is_trainable: bool = False):
     return model.requires_grad_(is_trainable)
 
 
-def restore(model, directory: str | Path) -> None:
+def restore(model, directory: str | Path, state: Optional[dict[str, Any]] = None) -> None:
     """A training checkpoint's trained weights (``directory``, as ``save_pretrained`` wrote them)
-    back into the run's model: the adapter's tensors, or for full fine-tuning the whole model's."""
+    back into the run's freshly built model: the adapter's tensors, or for full fine-tuning the
+    whole model's; for AdaLoRA the full-rank tensors and allocator state ``training_state`` saved
+    (``state``), strictly: a checkpoint without them cannot be resumed exactly and is refused."""
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file, load_model
 
     directory = Path(directory)
+    if _is_adalora(model):
+        ada = (state or {}).get("adalora")
+        if ada is None:
+            raise AdapterLoadError(f"{directory}: AdaLoRA checkpoint without its full-rank training state "
+                                   "(written before AdaLoRA checkpoints were resumable): it cannot be resumed "
+                                   "exactly; start this run again from step 0")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        saved = ada["weights"]
+        wrong = sorted(set(params) ^ set(saved)) + sorted(n for n in set(params) & set(saved)
+                                                           if params[n].shape != saved[n].shape)
+        if wrong:
+            raise AdapterLoadError(f"{directory}: AdaLoRA checkpoint does not match this model's adapter: "
+                                   f"{', '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+        model.peft_config[model.active_adapter].rank_pattern = ada["rank_pattern"]
+        alloc = model.base_model.rankallocator
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (dict(ada[k]) for k in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+        return
     if is_full(model):
         load_model(model, str(directory / FULL_WEIGHTS), strict=True)
     else:

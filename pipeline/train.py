@@ -129,9 +129,11 @@ def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
 def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
     import torch
 
+    from pipeline import adapters
+
     model.save_pretrained(directory / "adapter")
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-               directory / TRAINER_STATE)
+    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                **adapters.training_state(model)}, directory / TRAINER_STATE)
     if final:
         from rlora.analysis import head_similarity, plot_head_similarity, plot_head_tsne
 
@@ -146,6 +148,18 @@ def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool)
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def restore_checkpoint(model, opt, sched, directory: Path, device="cpu") -> int:
+    """A checkpoint ``_save_checkpoint`` wrote, back into a freshly built run: the trained weights,
+    the optimizer's and scheduler's state; the step it was written at."""
+    from pipeline import adapters
+
+    state = load_trainer_state(Path(directory) / TRAINER_STATE, device)
+    adapters.restore(model, Path(directory) / "adapter", state)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["step"])
 
 
 def load_trainer_state(path: Path, device="cpu") -> dict:
@@ -228,11 +242,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            adapters.restore(model, Path(d) / "adapter")
-            state = load_trainer_state(Path(d) / TRAINER_STATE, device)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start = int(state["step"])
+            start = restore_checkpoint(model, opt, sched, Path(d), device)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     stamps["time/at/adapter"] = time.time()
 

@@ -121,6 +121,76 @@ def test_checkpoint_restore_puts_the_trained_weights_back(method, trained, tiny_
     assert all(torch.equal(v, trained_state[k]) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.parametrize("at", [3, 5])
+def test_an_adalora_run_resumed_after_its_rank_allocation_ends_where_the_uninterrupted_run_ends(at, tiny_model_dir, tmp_path):
+    """A run resumed from a checkpoint written after AdaLoRA allocated ranks (save_pretrained then
+    writes the cut-down matrices; training goes on at full rank) continues through the final
+    allocation to the same weights, rank pattern and saved adapter as the run that never stopped."""
+    from pipeline import adapters
+    from pipeline.models import load_model
+    from pipeline.train import _lr_lambda, _save_checkpoint, restore_checkpoint
+
+    cfg = run_cfg("adalora")  # 6 steps: ranks allocated at steps 2-3, fixed at 4, masked at 5-6; stopped at `at`
+
+    def fresh(seed):
+        base, tok = load_model(str(tiny_model_dir))
+        torch.manual_seed(seed)
+        model = adapters.build(base, cfg.adapter, STEPS)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+        return model, tok, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(1, STEPS))
+
+    def steps(model, tok, opt, sched, first, last):  # the training loop's order of calls
+        model.train()
+        for step in range(first, last + 1):
+            torch.manual_seed(step)
+            model(**batch_of(tok, seed=step)).loss.backward()
+            opt.step()
+            adapters.after_optimizer_step(model, step)
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    whole = fresh(0)
+    steps(*whole, 1, STEPS)
+    part = fresh(0)
+    steps(*part, 1, at)
+    _save_checkpoint(part[0], part[2], part[3], at, tmp_path / "ckpt", final=False)
+    assert part[0].peft_config["default"].rank_pattern  # ranks were allocated before the checkpoint
+    resumed = fresh(7)  # a new process: another init, nothing of the first part in memory
+    assert restore_checkpoint(resumed[0], resumed[2], resumed[3], tmp_path / "ckpt") == at
+    steps(*resumed, at + 1, STEPS)
+
+    want, got = whole[0].state_dict(), resumed[0].state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # (PEFT's save_pretrained drops the adapter name from the pattern's keys: the checkpoint's has none)
+    pattern = [{k.replace(".default", ""): v for k, v in m[0].peft_config["default"].rank_pattern.items()}
+               for m in (whole, resumed)]
+    assert pattern[0] == pattern[1]
+    whole[0].save_pretrained(tmp_path / "whole")
+    resumed[0].save_pretrained(tmp_path / "resumed")
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("whole", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert min(v.shape[0] for k, v in a.items() if "lora_A" in k) < SECTIONS["adalora"]["init_r"]
+
+
+def test_an_adalora_checkpoint_without_its_training_state_is_refused_in_one_line(trained, tiny_model_dir):
+    """The cut-down adapter directory alone (a checkpoint written before the fix, or a final
+    adapter passed as one) would put the wrong shapes, or with a shape check silently no allocator
+    state, into the resumed run: refused, naming why."""
+    from pipeline import adapters
+    from pipeline.models import load_model
+
+    out, _ = trained
+    base, _ = load_model(str(tiny_model_dir))
+    fresh = adapters.build(base, run_cfg("adalora").adapter, STEPS)
+    with pytest.raises(adapters.AdapterLoadError, match="AdaLoRA checkpoint without its full-rank training state") as e:
+        adapters.restore(fresh, out["adalora"][0])
+    assert "\n" not in str(e.value)
+    state = adapters.training_state(out["adalora"][2])
+    state["adalora"]["weights"].popitem()
+    with pytest.raises(adapters.AdapterLoadError, match="does not match this model's adapter: base_model"):
+        adapters.restore(fresh, out["adalora"][0], state)
+
+
 def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_dir):
     from pipeline import adapters
     from pipeline.models import load_model
