@@ -1,4 +1,4 @@
-"""``python -m pipeline.sweep <sweep.yaml> [--set key=value ...] [--resume [DIR]]``
+"""``python -m pipeline.sweep <sweep.yaml> [--set key=value ...] [--resume [DIR] [--retry-errored]]``
 
 Ray Tune + Optuna (TPE, seeded; study persisted in sqlite) with an ASHA scheduler on the
 held-out metric. Each trial runs the Ray Train job of ``pipeline.train`` and reports to Tune
@@ -102,13 +102,12 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
 
     from pipeline.stats import examples_file, save_examples, seed_average, seed_metrics
     from pipeline.tracking import EXAMPLES_DIR, Tracker, run_examples
-    from pipeline.train import run_training
+    from pipeline.train import error_line, run_training
 
     t = Tracker(cfg.mlflow.tracking_uri)
     existing = t.find_trial_run(ctx["experiment"], trial_id, ctx["parent_run_id"])
     if existing:  # a trial restarted by --resume
-        t.run_id = existing
-        t.client.update_run(existing, status="RUNNING")
+        t.reopen(existing)
     else:
         t.start_run(ctx["experiment"], f"trial-{trial_id}", cfg.model_dump(mode="json"),
                     tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx["sweep_name"], "rlora.seeds": str(ctx["seeds"]),
@@ -124,7 +123,7 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
                                      train_name=seeded.mlflow.run_name, storage_path=ctx["train_storage"],
                                      nan_metrics=nan_metrics, extra_tags={"rlora.sweep": ctx["sweep_name"]}))
         except BaseException as e:
-            t.set_tags({"error": f"seed {seeded.train.seed}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
+            t.set_tags({"error": f"seed {seeded.train.seed}: {error_line(e)}"[:500]})
             t.finish("FAILED")
             raise
     averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
@@ -209,7 +208,7 @@ def ray_storage(cfg: SweepConfig, sweep_dir: Path) -> str:
 
 
 def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_uri: str, resume: bool,
-                callbacks: Optional[list] = None):
+                callbacks: Optional[list] = None, retry_errored: bool = False):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -223,8 +222,10 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     # starve its own workers on a small cluster): only a token of the memory resource.
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
     if resume:
+        # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
+        # resume from their own last checkpoints (the function reports no Tune checkpoint)
         return tune.Tuner.restore(f"{ray_storage(cfg, sweep_dir)}/tune", trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+                                  resume_errored=retry_errored, restart_errored=False)
     search_alg = None
     if cfg.tune.search_alg == "optuna":
         storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
@@ -289,7 +290,8 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
                      "setup_s": metrics.get("time/setup_s"), "startup_s": metrics.get("time/startup_s"),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
-                     **cells, **{k: section_cell(r.config.get(k)) for k in cfg.search}})
+                     # (a restored errored trial that was not retried comes back without its config)
+                     **cells, **{k: section_cell((r.config or {}).get(k)) for k in cfg.search}})
         rows[-1][f"{cfg.tune.metric}_stderr"] = metrics.get(f"{cfg.tune.metric}_stderr") if obj is not None else None
     ok = [row for row in rows if row[cfg.tune.metric] is not None and not math.isnan(row[cfg.tune.metric])
           and row["status"] != "ERROR"]
@@ -460,9 +462,11 @@ def precision_note(cfg: SweepConfig) -> str:
 QUIET_WORKERS = {"TQDM_DISABLE": "1"}  # lm-eval's and transformers' progress bars off inside workers
 
 
-def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, console=None) -> dict[str, Any]:
+def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, console=None,
+              retry_errored: bool = False) -> dict[str, Any]:
     """The sweep, its summary and its eval stage. ``console`` (pipeline.console.Console): its log file
-    goes in the sweep directory and is attached to the parent run."""
+    goes in the sweep directory and is attached to the parent run. ``retry_errored`` (with ``resume``):
+    trials that ended in an error run again, from their last checkpoint."""
     t0 = time.time()
     from pipeline.models import resolve_model
     from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
@@ -505,7 +509,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
         ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
         slots = concurrency(cfg)
         tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume),
-                            callbacks=[TailStart(expected_trials(cfg), tail)] if tail is not None else None)
+                            callbacks=[TailStart(expected_trials(cfg), tail)] if tail is not None else None,
+                            retry_errored=retry_errored)
         try:
             results = tuner.fit()
         except KeyboardInterrupt:
@@ -584,10 +589,15 @@ def main(argv=None) -> int:
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue an interrupted sweep (default: the latest one of this name)")
+    ap.add_argument("--retry-errored", action="store_true",
+                    help="with --resume: run the trials that ended in an error again, each from its last "
+                         "checkpoint (finished trials are never rerun)")
     ap.add_argument("--verbose", action="store_true",
                     help="show every worker's output, warnings and Ray's log lines live (they are always in "
                          f"the sweep directory's {LOG_FILE}, attached to the parent run)")
     args = ap.parse_args(argv)
+    if args.retry_errored and args.resume is None:
+        ap.error("--retry-errored only applies with --resume")
     try:
         cfg = load_sweep_config(args.config, args.overrides)
     except user_errors() as e:
@@ -635,7 +645,7 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
     from pipeline.cli import fail, user_errors
 
     try:
-        out = run_sweep(cfg, args.config, args.resume, console)
+        out = run_sweep(cfg, args.config, args.resume, console, retry_errored=args.retry_errored)
     except user_errors() as e:
         return fail(e)
     except PostSweepError as e:  # the sweep itself is complete and recorded

@@ -147,6 +147,15 @@ class Tracker:
         runs = self.client.search_runs([exp.experiment_id], filter_string=query, max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def reopen(self, run_id: str) -> str:
+        """Log into an existing run again (a trial run again by --resume): RUNNING, and without the
+        ``error`` tag an earlier failed attempt left (``--retry-errored``)."""
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        if "error" in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, "error")
+        return run_id
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 

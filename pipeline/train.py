@@ -146,6 +146,22 @@ def _save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool)
                 pass  # too few heads of one type for a t-SNE
 
 
+def error_line(e: BaseException) -> str:
+    """One line for a run's ``error`` tag: the exception's first line, and for Ray Train's
+    WorkerGroupError (whose first line only says that workers failed) the lowest failed rank's own."""
+    def first(x: BaseException) -> str:
+        text = str(x).strip()
+        return f"{type(x).__name__}: {text.splitlines()[0] if text else ''}"
+
+    failures = getattr(e, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError's original exception
+        return f"{type(e).__name__} (rank {rank}): {first(cause)}"[:500]
+    return first(e)[:500]
+
+
 class CheckpointError(RuntimeError):
     pass
 
@@ -446,8 +462,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
             **(extra_tags or {})}
     existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
     if existing:
-        run_id = tracker.run_id = existing
-        tracker.client.update_run(run_id, status="RUNNING")
+        run_id = tracker.reopen(existing)
         tracker.set_tags({"ray.driver_pid": tags["ray.driver_pid"]})
     else:
         if trial_id:
@@ -477,7 +492,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     try:
         result = trainer.fit()
     except BaseException as e:
-        tracker.set_tags({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]})
+        tracker.set_tags({"error": error_line(e)})
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if not isinstance(e, KeyboardInterrupt):  # interrupted: --resume continues with this model
             tracker.client.finalize_logged_model(model_id, "FAILED")

@@ -426,6 +426,39 @@ def test_nan_trial_fails_while_the_others_complete(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, tiny_model_dir):
+    """A trial that failed for a reason since removed (its data directory did not exist yet) stays
+    failed on a plain --resume; --resume --retry-errored runs it again into its own child run, which
+    ends FINISHED without the old error tag, and does not rerun the trial that had finished."""
+    from pipeline.data import data_dir
+
+    good, late = str(data_dir()), tmp_path / "late-data"
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"data.data_dir": {"grid": [good, str(late)]}},
+                     tune={"search_alg": "grid", "num_samples": 1})
+    first = cli([str(cfg)])
+    assert first.returncode == 0 and "1 failed" in first.stdout, first.stderr[-3000:]
+    _, _, before = mlflow_runs(tmp_path)
+    failed = next(c for c in before if c.data.params["data.data_dir"] == str(late))
+    assert failed.info.status == "FAILED" and "data directory not found" in failed.data.tags["error"]
+    late.symlink_to(good)
+    plain = cli([str(cfg), "--resume"])
+    assert plain.returncode == 0 and "1 failed" in plain.stdout, plain.stderr[-3000:]
+    assert next(c for c in mlflow_runs(tmp_path)[2] if c.info.run_id == failed.info.run_id).info.status == "FAILED"
+
+    retried = cli([str(cfg), "--resume", "--retry-errored"])
+    assert retried.returncode == 0 and "0 failed" in retried.stdout, retried.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    again = next(c for c in children if c.info.run_id == failed.info.run_id)
+    assert "error" not in again.data.tags and "eval/mean_acc" in again.data.metrics
+    ok = next(c for c in children if c.info.run_id != failed.info.run_id)
+    steps = [m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 7))  # the finished trial was not rerun
+    assert cli([str(cfg), "--retry-errored"]).returncode == 2  # meaningless without --resume: refused
+
+
+@pytest.mark.slow
 def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir):
     """The driver is SIGKILLed (its whole process group) after one trial finished and while the next
     is past its first checkpoint: --resume does not rerun the finished trial, and the interrupted one
