@@ -50,16 +50,21 @@ def categorize(name: str, shapes: list, d: int, tokens: int) -> str:
 
 
 def profile_split(step, d: int, tokens: int, iters: int) -> dict:
-    """Self CPU milliseconds per category, per step."""
+    """Self CPU milliseconds per category in one step: the median over ``iters`` steps, each profiled
+    on its own, so that one step the machine disturbed (a shared VM's stall lands in whichever op
+    is running) does not move the split."""
     step()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        for _ in range(iters):
+    per_step = {c: [] for c in CATEGORIES}
+    for _ in range(iters):
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             step()
-    out = dict.fromkeys(CATEGORIES, 0.0)
-    for ev in prof.key_averages(group_by_input_shape=True):
-        shapes = [list(s) for s in (ev.input_shapes or []) if isinstance(s, (list, tuple))]
-        out[categorize(ev.key, shapes, d, tokens)] += ev.self_cpu_time_total / 1e3 / iters
-    return out
+        split = dict.fromkeys(CATEGORIES, 0.0)
+        for ev in prof.key_averages(group_by_input_shape=True):
+            shapes = [list(s) for s in (ev.input_shapes or []) if isinstance(s, (list, tuple))]
+            split[categorize(ev.key, shapes, d, tokens)] += ev.self_cpu_time_total / 1e3
+        for c in CATEGORIES:
+            per_step[c].append(split[c])
+    return {c: statistics.median(v) for c, v in per_step.items()}
 
 
 def paired_ratio(step_a, step_b, pairs: int) -> dict:
@@ -147,7 +152,7 @@ def main(argv=None):
     out = args.out or Path(__file__).parent / "results" / f"layer_breakdown-cpu{'-quick' if args.quick else ''}.json"
     write_json(out, {"device": device_label(torch.device("cpu")), "dtype": "torch.float32",
                      "timing": "median of per-pair ratios over interleaved base/fused steps, with quartiles",
-                     "profile": "torch.profiler self CPU time per op over 5 steps, split by op and input shape; overhead_<category> in units of the base GEMM time of the same profile",
+                     "profile": "torch.profiler self CPU time per op, split by op and input shape, median over 5 separately profiled steps; overhead_<category> in units of the base GEMM time of the same profile",
                      "rows": rows})
     print(f"wrote {out}")
 

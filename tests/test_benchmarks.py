@@ -52,12 +52,33 @@ def test_method_variants_step_on_a_tiny_architecture(tmp_path):
     assert rows["full"]["trainable_params"] == n_arch
 
 
+def test_the_profiled_split_is_not_moved_by_one_disturbed_step():
+    """A step the machine stalls once (here: one step does 1000 extra full-width passes) leaves the
+    per-step split where the other steps put it."""
+    import torch
+
+    from benchmarks.layer_breakdown import profile_split
+
+    d, tokens = 64, 32
+    x = torch.randn(tokens, d)
+    calls = []
+
+    def step():
+        calls.append(1)
+        for _ in range(1000 if len(calls) == 3 else 1):
+            x.add(1.0)
+
+    clean = profile_split(lambda: x.add(1.0), d, tokens, iters=5)["full_width"]
+    split = profile_split(step, d, tokens, iters=5)
+    assert split["full_width"] < 3 * clean, (split, clean)
+
+
 def test_layer_breakdown_puts_the_adapter_time_in_its_categories():
     """The frozen base has no adapter GEMM and no full-width add; the fused layer has both, and its
     per-head dropout and router show up as small element-wise work the base does not do."""
     from benchmarks.layer_breakdown import breakdown_row
 
-    row = breakdown_row(d=128, tokens=256, n=3, r=4, pairs=3, prof_iters=2)
+    row = breakdown_row(d=128, tokens=256, n=3, r=4, pairs=3, prof_iters=5)
     assert row["base_adapter_gemm_ms"] == 0 < row["fused_adapter_gemm_ms"]
     assert row["base_full_width_ms"] < row["fused_full_width_ms"]
     assert row["base_small_elem_ms"] < row["fused_small_elem_ms"]
