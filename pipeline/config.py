@@ -352,6 +352,10 @@ class TuneSection(_Strict):
                                             "and rank by the mean over seeds (needs scheduler: none)")
     reuse_actors: Optional[bool] = Field(None, description="run later trials in earlier trials' Tune actors "
                                          "(saves their start-up); default: yes unless scheduler is asha")
+    train_in_trial: bool = Field(False, description="train each trial in its own Tune process (Ray Train's local "
+                                 "mode: no Train controller or worker process to start; one worker, checkpoints "
+                                 "on the trial's node; base.scaling.max_failures does not apply: a trial whose "
+                                 "process died continues from its last checkpoint with --resume --retry-errored)")
 
 
 class EvalSection(_Strict):
@@ -446,6 +450,9 @@ class SweepConfig(_Strict):
         if self.tune.reuse_actors and self.tune.scheduler == "asha":
             raise ValueError("tune.reuse_actors: not with scheduler asha (a stopped trial is still training when "
                              "Tune would hand its actor to the next trial); use tune.scheduler: none to reuse actors")
+        if self.tune.train_in_trial and (self.base.scaling.num_workers != 1 or self.base.storage):
+            raise ValueError("tune.train_in_trial: needs base.scaling.num_workers 1 and no base.storage (the trial "
+                             "keeps its checkpoints on its own node)")
         if self.tune.seeds > 1 and "train.seed" in self.search:
             raise ValueError("tune.seeds: train.seed is also a search dimension; use one or the other")
         for key, spec in self.search.items():

@@ -87,7 +87,7 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
                        callbacks=[_intermediate_reports(cfg.train.steps)], train_name=f"trial-{trial_id}",
                        storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
-                       extra_tags={"rlora.sweep": ctx["sweep_name"]})
+                       extra_tags={"rlora.sweep": ctx["sweep_name"]}, in_trial=ctx["in_trial"])
     # The final step's metrics, now that everything is saved (also right for a trial re-run by
     # --resume whose Train run had already finished, which reports nothing through the callback).
     tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
@@ -121,7 +121,8 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
         try:
             outs.append(run_training(seeded, parent_run_id=t.run_id, quiet=True, trial_id=f"{trial_id}/seed{k}",
                                      train_name=seeded.mlflow.run_name, storage_path=ctx["train_storage"],
-                                     nan_metrics=nan_metrics, extra_tags={"rlora.sweep": ctx["sweep_name"]}))
+                                     nan_metrics=nan_metrics, extra_tags={"rlora.sweep": ctx["sweep_name"]},
+                                     in_trial=ctx["in_trial"]))
         except BaseException as e:
             t.set_tags({"error": f"seed {seeded.train.seed}: {error_line(e)}"[:500]})
             t.finish("FAILED")
@@ -216,11 +217,18 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "seeds": cfg.tune.seeds}
+           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "seeds": cfg.tune.seeds,
+           "in_trial": cfg.tune.train_in_trial}
     ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
-    # starve its own workers on a small cluster): only a token of the memory resource.
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 2**20})
+    # starve its own workers on a small cluster): only a token of the memory resource. Trained in
+    # the trial's own process, the trial holds what its one worker would have.
+    resources = {"CPU": 0, "memory": 2**20}
+    if cfg.tune.train_in_trial:
+        from pipeline.train import _use_gpu, worker_resources
+
+        resources.update(worker_resources(cfg.base.scaling, _use_gpu(cfg.base.scaling.use_gpu)))
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     if resume:
         # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
         # resume from their own last checkpoints (the function reports no Tune checkpoint)

@@ -220,7 +220,9 @@ def _maybe_kill(rank: int, step: int, resumed: bool) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
+    """One Ray Train worker's training; with ``session`` (a ``pipeline.in_trial.InProcess``) the
+    whole run in the calling process, reporting and checkpointing through it."""
     import ray.train
     import ray.train.torch
     import torch
@@ -234,14 +236,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from pipeline.tracking import Tracker
 
     t_enter = time.perf_counter()
-    stamps = {"time/at/worker_process": _process_start(), "time/at/enter": time.time()}
+    # in a trial's own process (an actor Tune may have reused) there is no worker start-up to count
+    stamps = {"time/at/worker_process": time.time() if session else _process_start(), "time/at/enter": time.time()}
     cfg = RunConfig.model_validate(loop_config["run"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if session:
+        rank, world = session.rank, session.world
+    else:
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     # Ray assigns GPUs (CUDA_VISIBLE_DEVICES) whether or not this torch can use them: without CUDA
     # the worker computes on the CPU (a cluster that declares logical GPUs, as the tests do)
-    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", 0) if session else ray.train.torch.get_device()
+
+    def report(metrics: dict[str, Any], ckpt: Optional[Path] = None, step: Optional[int] = None) -> None:
+        if session:
+            session.report(metrics, ckpt, step)
+        else:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None,
+                             checkpoint_dir_name=f"step-{step:06d}" if ckpt else None)
     precision, accum = cfg.train.precision, cfg.train.grad_accum
 
     base, tok = load_model(loop_config["model_path"], dtype=load_dtype(precision))
@@ -255,10 +270,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.train.warmup_steps, cfg.train.steps))
 
     start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            start = restore_checkpoint(model, opt, sched, Path(d), device)
+    if session:
+        found = session.get_checkpoint()
+        if found:
+            start = restore_checkpoint(model, opt, sched, found, device)
+            if start == cfg.train.steps:  # the run had finished (its trial runs again): report it again
+                session.finished_report(found)
+                return
+    else:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:
+            with checkpoint.as_directory() as d:
+                start = restore_checkpoint(model, opt, sched, Path(d), device)
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     stamps["time/at/adapter"] = time.time()
 
@@ -316,7 +339,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # raising) keeps Ray Train from retrying a deterministic divergence; the driver fails the run.
             if tracker:
                 tracker.set_tags({"nan_loss_step": step})
-            ray.train.report({"step": step, "nan_loss": 1.0, **loop_config.get("nan_metrics", {})}, checkpoint=None)
+            report({"step": step, "nan_loss": 1.0, **loop_config.get("nan_metrics", {})})
             return
         now = time.perf_counter()
         if tracker:
@@ -346,10 +369,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 _save_checkpoint(model, opt, sched, step, Path(tmp), final)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"step-{step:06d}")
+                report(metrics, Path(tmp), step)
         else:
-            ray.train.report(metrics, checkpoint=None)
+            report(metrics)
         t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
 
 
@@ -428,20 +450,22 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
                  quiet: bool = False, trial_id: Optional[str] = None, callbacks: Optional[list] = None,
                  train_name: Optional[str] = None, storage_path: Optional[str] = None,
                  nan_metrics: Optional[dict[str, float]] = None, extra_tags: Optional[dict[str, str]] = None,
-                 ) -> dict[str, Any]:
+                 in_trial: bool = False) -> dict[str, Any]:
     """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir', 'wall_s'}.
 
     Raises on failure (``FloatingPointError`` when the loss diverged). Inside a sweep trial,
     ``trial_id`` makes the MLflow child run unique per trial: a trial restarted after the
-    driver died logs into its existing run instead of creating a second one."""
+    driver died logs into its existing run instead of creating a second one. ``in_trial`` (the sweep's
+    ``tune.train_in_trial``): one worker, run in this process (``pipeline.in_trial``), its checkpoints
+    under the run's storage directory and its reports to Tune in place of ``callbacks``."""
     t_start = time.time()
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import adapters, timeline
+    from pipeline import adapters
     from pipeline.models import resolve_model
-    from pipeline.tracking import Tracker, check_reachable, plot_curves, resolve_tracking_uri
+    from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
     out_dir = Path(cfg.output_dir).resolve()
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -473,16 +497,18 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
 
     ensure_ray(quiet)
-    trainer = TorchTrainer(
+    name, storage = train_name or f"train-{run_id}", storage_path or cfg.storage or str(out_dir / "ray")
+    loop_config = {"run": cfg.model_dump(mode="json"), "model_path": model_path, "model_id": model_id,
+                   "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}}
+    trainer = None if in_trial else TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg.model_dump(mode="json"), "model_path": model_path, "model_id": model_id,
-                           "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}},
+        train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=worker_resources(cfg.scaling, use_gpu),
                                                placement_strategy=cfg.scaling.placement_strategy),
         torch_config=TorchConfig(backend=backend),
         run_config=ray.train.RunConfig(
-            name=train_name or f"train-{run_id}", storage_path=storage_path or cfg.storage or str(out_dir / "ray"),
+            name=name, storage_path=storage,
             callbacks=callbacks,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -490,20 +516,46 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     )
     t0 = time.time()
     try:
-        result = trainer.fit()
+        if in_trial:
+            result_metrics, checkpoint = _run_in_trial(cfg, loop_config, storage, name, callbacks)
+        else:
+            result = trainer.fit()
+            result_metrics, checkpoint = result.metrics, result.checkpoint
     except BaseException as e:
         tracker.set_tags({"error": error_line(e)})
         tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if not isinstance(e, KeyboardInterrupt):  # interrupted: --resume continues with this model
             tracker.client.finalize_logged_model(model_id, "FAILED")
         raise
+    return _finish_run(cfg, tracker, run_id, model_id, run_name, t_start, t0, result_metrics or {}, checkpoint)
+
+
+def _run_in_trial(cfg: RunConfig, loop_config: dict, storage: str, name: str, callbacks) -> tuple:
+    import ray.train
+
+    from pipeline.in_trial import InProcess
+
+    if cfg.scaling.num_workers != 1 or "://" in storage.removeprefix("file://"):
+        raise ValueError("in_trial: one worker, and checkpoints on a local path")
+    session = InProcess(Path(storage.removeprefix("file://")) / name, cfg.train.steps if callbacks else None)
+    train_loop_per_worker(loop_config, session)
+    return session.metrics, ray.train.Checkpoint.from_directory(str(session.checkpoint)) if session.checkpoint else None
+
+
+def _finish_run(cfg: RunConfig, tracker, run_id: str, model_id: str, run_name: str, t_start: float, t0: float,
+                result_metrics: dict, checkpoint) -> dict[str, Any]:
+    """After training: the failure checks, the adapter and figures logged, the run FINISHED."""
+    from pipeline import timeline
+    from pipeline.tracking import plot_curves
+
+    out_dir = Path(cfg.output_dir).resolve()
     t_fit_end = time.time()
     wall = t_fit_end - t0
     nan_step = tracker.client.get_run(run_id).data.tags.get("nan_loss_step")  # set by rank 0
     failure = None
     if nan_step is not None:
         failure = FloatingPointError(f"loss went NaN/inf at step {nan_step}")
-    elif result.checkpoint is None:
+    elif checkpoint is None:
         failure = RuntimeError("training ended without a checkpoint")
     if failure is not None:
         tracker.set_tags({"error": str(failure)})
@@ -511,7 +563,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
         tracker.client.finalize_logged_model(model_id, "FAILED")
         raise type(failure)(f"run {run_id}: {failure}")
     final_dir = out_dir / "runs" / run_id
-    with result.checkpoint.as_directory() as d:
+    with checkpoint.as_directory() as d:
         import shutil
 
         shutil.copytree(d, final_dir, dirs_exist_ok=True)
@@ -523,7 +575,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
                          title=run_name)
     if curves:
         tracker.log_artifact(curves, "figures")
-    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics = {k: v for k, v in result_metrics.items() if isinstance(v, (int, float))}
     metrics.update(timeline.metrics({**metrics, "start": t_start, "fit": t0, "fit_end": t_fit_end, "done": time.time()}))
     tracker.log_metrics({"train/wall_s": wall, **{k: v for k, v in metrics.items() if k.startswith("time/")
                                                   and not k.startswith(timeline.PREFIX)}}, step=cfg.train.steps)

@@ -548,6 +548,10 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
         ({"tune": {"seeds": 2, "scheduler": "asha"}}, "tune.seeds: ASHA would stop trials on one seed's"),
         ({"tune": {"reuse_actors": True, "scheduler": "asha"}}, "tune.reuse_actors: not with scheduler asha"),
         ({"eval": {"tasks": ["mmlu"], "limit": {"bbh": 3}}}, "limit.bbh: not one of eval.tasks (mmlu)"),
+        ({"tune": {"train_in_trial": True}, "base": {"scaling": {"num_workers": 2}}},
+         "tune.train_in_trial: needs base.scaling.num_workers 1"),
+        ({"tune": {"train_in_trial": True}, "base": {"storage": "s3://bucket/x"}},
+         "tune.train_in_trial: needs base.scaling.num_workers 1 and no base.storage"),
     ],
 )
 def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, capsys, patch, needle):
@@ -692,13 +696,16 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # leaked placement groups make the sweep wait forever: fail, do not hang
-def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("in_trial", [False, True], ids=["ray_train", "in_trial"])
+def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_path, tiny_model_dir, in_trial):
     """Four learning rates, tried in order, one at a time: two that train (4e-3, 3e-3) and two
     that leave the model where it started (2e-8, 1e-8), ranked on the gold answer's log-prob,
     which training on the same tasks raises. ASHA (rung at step 4 of 8) must stop both
     do-nothing trials, which MLflow then shows as STOPPED with 4 steps; the Ray Train placement
     groups of all four are removed (Ray state API); the sweep's best trial and the eval stage's
-    top-2 selection match the objectives MLflow recorded."""
+    top-2 selection match the objectives MLflow recorded. The same trained in each trial's own process
+    (``tune.train_in_trial``): its reports reach Tune without Ray Train's callback, and a stopped
+    trial's training ends with its actor."""
     import numpy as np
     import ray
     from mlflow import MlflowClient
@@ -712,7 +719,8 @@ def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_
     path = sweep_yaml(tmp_path, tiny_model_dir, search={"train.lr": {"grid": [4e-3, 3e-3, 2e-8, 1e-8]}},
                       train={"steps": 8, "eval_every": 4},
                       tune={"search_alg": "grid", "num_samples": 1, "scheduler": "asha", "grace_period": 4,
-                            "reduction_factor": 2, "max_concurrent_trials": 1, "metric": metric})
+                            "reduction_factor": 2, "max_concurrent_trials": 1, "metric": metric,
+                            "train_in_trial": in_trial})
     try:
         out = run_sweep(load_sweep_config(str(path), []), str(path))
         address = ray.get_runtime_context().gcs_address

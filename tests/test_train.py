@@ -312,3 +312,69 @@ def test_peak_memory_is_the_processes_peak_resident_set(tmp_path):
     a, b, c = map(float, out.stdout.split())
     assert 0.1 < a < 0.9 and a < b and 0.55 < b - a < 0.65
     assert c > b - 0.01  # a peak: freeing the 600 MiB does not lower it (VmHWM settles within pages)
+
+
+IN_TRIAL = """
+import json, sys
+from pipeline.config import load_run_config
+from pipeline.train import run_training
+cfg = load_run_config(sys.argv[1], [])
+out = run_training(cfg, quiet=True, trial_id="t1", train_name="trial-t1", storage_path=sys.argv[2], in_trial=True)
+print(json.dumps([out["run_id"], out["metrics"].get("step")]))
+"""
+
+
+@pytest.mark.slow
+def test_in_trial_run_killed_resumes_exactly_and_a_finished_one_is_not_retrained(tmp_path, tiny_model_dir):
+    """tune.train_in_trial: the run in the calling process (no Ray Train workers). Its process is
+    SIGKILLed after step 5; run again (what --resume --retry-errored does) it continues from its
+    last kept checkpoint (step 4) in the same MLflow run and ends equal to an uninterrupted run;
+    run a third time, it trains nothing and reports the same finished run."""
+    import json
+
+    def run(root, env=None):
+        cfg = write_yaml(root, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0},
+                         train={"steps": 8, "checkpoint_every": 2, "eval_every": 4})
+        return subprocess.run([sys.executable, "-c", IN_TRIAL, str(cfg), str(root / "storage")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    killed = run(tmp_path, {"RLORA_TEST_KILL_RANK_AT_STEP": "0:5"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    kept = sorted(p.name for p in (tmp_path / "storage" / "trial-t1").glob("step-*"))
+    assert kept == ["step-000002", "step-000004"]  # complete directories only, the newest two
+    outs = []
+    for _ in range(2):
+        proc = run(tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert outs[0] == outs[1] and outs[0][1] == 8
+    client, run_, _ = only_run(tmp_path)
+    assert run_.info.status == "FINISHED" and run_.info.run_id == outs[0][0]
+    assert [m.value for m in client.get_metric_history(run_.info.run_id, "resumed_from_step")] == [4.0]
+    steps = [m.step for m in client.get_metric_history(run_.info.run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 5, 6, 7, 8]  # step 5 ran twice (killed after logging it)
+    assert [m.step for m in run_.outputs.model_outputs] == [8]
+    # the same run uninterrupted, in its own process and store
+    ref_dir = tmp_path / "uninterrupted"
+    ref_dir.mkdir()
+    proc = run(ref_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    from pipeline.train import load_trainer_state
+
+    ref_client, ref, _ = only_run(ref_dir)
+    loaded = {}
+    for name, r, root in (("resumed", run_, tmp_path), ("ref", ref, ref_dir)):
+        d = root / "out" / "runs" / r.info.run_id
+        loaded[name] = (load_file(d / "adapter" / "adapter_model.safetensors"), load_trainer_state(d / "trainer_state.pt"))
+    (wa, sa), (wb, sb) = loaded["resumed"], loaded["ref"]
+    assert wa.keys() == wb.keys() and sa["step"] == sb["step"] == 8
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
+    for i, st in sb["optimizer"]["state"].items():
+        torch.testing.assert_close(sa["optimizer"]["state"][i]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-5, atol=1e-8)
+    ref_loss = {m.step: m.value for m in ref_client.get_metric_history(ref.info.run_id, "train/loss")}
+    for m in client.get_metric_history(run_.info.run_id, "train/loss"):
+        assert m.value == pytest.approx(ref_loss[m.step], rel=1e-5), m.step
