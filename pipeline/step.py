@@ -52,6 +52,21 @@ def accumulate_gradients(model, micro_batches: list[dict], device, precision: st
     return loss_sum, tokens
 
 
+def reset_peak_memory(device) -> None:
+    """Start ``peak_memory_gb`` afresh (a run trained in a process that ran others before it): the CUDA
+    allocator's peak, or on Linux the resident-set high-water mark (``/proc/self/clear_refs``)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device) -> float:
     """This process's peak memory so far, GiB: on a GPU the CUDA allocator's peak on ``device``,
     else the peak resident set size (model, optimizer, activations and the interpreter, as a

@@ -232,7 +232,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
     from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
     from pipeline.models import load_model
     from pipeline.precision import autocast, load_dtype
-    from pipeline.step import accumulate_gradients, enable_gradient_checkpointing, peak_memory_gb
+    from pipeline.step import accumulate_gradients, enable_gradient_checkpointing, peak_memory_gb, reset_peak_memory
     from pipeline.tracking import Tracker
 
     t_enter = time.perf_counter()
@@ -258,6 +258,9 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt)) if ckpt else None,
                              checkpoint_dir_name=f"step-{step:06d}" if ckpt else None)
     precision, accum = cfg.train.precision, cfg.train.grad_accum
+    if session:  # the trial's process may have trained other runs: this run's peak only
+        reset_peak_memory(device)
+    peak = 0.0  # the peak so far (the kernel's high-water mark can read a few pages lower later)
 
     base, tok = load_model(loop_config["model_path"], dtype=load_dtype(precision))
     stamps["time/at/model"] = time.time()
@@ -362,7 +365,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
                 metrics.update(evals)
                 metrics["time/loop_s"] = time.perf_counter() - t_loop
                 tracker.log_metrics(evals, step=step, model_id=loop_config.get("model_id"))
-                tracker.log_metrics({"train/peak_mem_gb": peak_memory_gb(device)}, step=step)
+                peak = max(peak, peak_memory_gb(device))
+                tracker.log_metrics({"train/peak_mem_gb": peak}, step=step)
                 _log_examples(tracker, table, step)
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         metrics["time/at/report"] = time.time()

@@ -468,7 +468,8 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
                                    {"method": "lora_moe"}, {"method": "prompt_tuning"}, {"method": "prefix_tuning"},
                                    {"method": "full"}]}}
     path = sweep_yaml(tmp_path, tiny_model_dir, search=search,
-                      tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2},
+                      tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2,
+                            "train_in_trial": True},  # every method in reused trial processes, one after another
                       eval_={"top_k": 7, "tasks": ["heldout_sst2"], "limit": 4, "include_base": False,
                              "registry_name": "t-methods"})
     data = __import__("yaml").safe_load(path.read_text())

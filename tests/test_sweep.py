@@ -373,7 +373,8 @@ def test_seeds_rank_each_configuration_by_its_mean_over_seeds(tmp_path, tiny_mod
     import pandas as pd
 
     proc = cli([str(sweep_yaml(tmp_path, tiny_model_dir, train={"steps": 4, "eval_every": 4},
-                               tune={"seeds": 2, "max_concurrent_trials": 2}))])
+                               tune={"seeds": 2, "max_concurrent_trials": 2,
+                                     "train_in_trial": True}))])  # seed runs in the trial's process
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "runs 2 seeds" in proc.stdout
     client, parents, children = mlflow_runs(tmp_path)
@@ -412,7 +413,8 @@ def test_seeds_rank_each_configuration_by_its_mean_over_seeds(tmp_path, tiny_mod
 @pytest.mark.slow
 def test_nan_trial_fails_while_the_others_complete(tmp_path, tiny_model_dir):
     cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.lr": {"grid": [1e-3, 1e12]}},
-                     tune={"search_alg": "grid", "num_samples": 1}, train={"grad_clip": 1e30})
+                     tune={"search_alg": "grid", "num_samples": 1, "train_in_trial": True},  # no Train retry to
+                     train={"grad_clip": 1e30})  # stop either way: the trial process reports the NaN and fails
     proc = cli([str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 failed" in proc.stdout
@@ -434,8 +436,8 @@ def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, ti
 
     good, late = str(data_dir()), tmp_path / "late-data"
     cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"data.data_dir": {"grid": [good, str(late)]}},
-                     tune={"search_alg": "grid", "num_samples": 1})
-    first = cli([str(cfg)])
+                     tune={"search_alg": "grid", "num_samples": 1, "train_in_trial": True})  # the error raised in
+    first = cli([str(cfg)])  # the trial's own process
     assert first.returncode == 0 and "1 failed" in first.stdout, first.stderr[-3000:]
     _, _, before = mlflow_runs(tmp_path)
     failed = next(c for c in before if c.data.params["data.data_dir"] == str(late))
@@ -458,12 +460,33 @@ def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, ti
     assert cli([str(cfg), "--retry-errored"]).returncode == 2  # meaningless without --resume: refused
 
 
+def _checkpoint_steps(train_root, in_trial: bool) -> dict[str, list[int]]:
+    """Per trial id, the steps of the checkpoints its training has kept: Ray Train's registered ones
+    (its checkpoint manager's snapshot), or the ``step-NNNNNN`` directories a run trained in its
+    trial's own process keeps (complete once they have that name)."""
+    state = {}
+    if in_trial:
+        for d in train_root.glob("*/train/trial-*"):
+            state[d.name[len("trial-"):]] = [int(c.name[len("step-"):]) for c in d.glob("step-*")]
+        return state
+    for snap in train_root.glob("*/train/trial-*/checkpoint_manager_snapshot.json"):
+        try:
+            state[snap.parent.name[len("trial-"):]] = [
+                c["metrics"]["step"] for c in json.loads(snap.read_text())["checkpoint_results"]]
+        except (OSError, ValueError):  # being written
+            pass
+    return state
+
+
 @pytest.mark.slow
-def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("in_trial", [False, True], ids=["ray_train", "in_trial"])
+def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir, in_trial):
     """The driver is SIGKILLed (its whole process group) after one trial finished and while the next
     is past its first checkpoint: --resume does not rerun the finished trial, and the interrupted one
-    restarts from its last registered checkpoint in the same child run (the steps before it are not re-run)."""
-    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1},
+    restarts from its last registered checkpoint in the same child run (the steps before it are not re-run).
+    The same with each trial trained in its own process (``tune.train_in_trial``)."""
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1,
+                                                     "train_in_trial": in_trial},
                      train={"steps": 40, "eval_every": 16})
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
@@ -476,13 +499,7 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
         while time.time() < deadline:
             time.sleep(0.1)
             assert proc.poll() is None, "sweep ended before it could be killed"
-            state = {}
-            for snap in train_root.glob("*/train/trial-*/checkpoint_manager_snapshot.json"):
-                try:
-                    state[snap.parent.name[len("trial-"):]] = [
-                        c["metrics"]["step"] for c in json.loads(snap.read_text())["checkpoint_results"]]
-                except (OSError, ValueError):  # being written
-                    pass
+            state = _checkpoint_steps(train_root, in_trial)
             mid = [t for t, ckpts in state.items() if ckpts and max(ckpts) < 40]
             if mid and any(40 in ckpts for ckpts in state.values()):
                 mid_trial = mid[0]
@@ -511,8 +528,7 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
     mid = next(c.info.run_id for c in before if c.data.tags["rlora.trial_id"] == mid_trial)
     # the last checkpoint Ray Train had registered for it when everything died (16, or 32 if the
     # trial outran the polling on a loaded machine): the resume must start from exactly that one
-    snap, = train_root.glob(f"*/train/trial-{mid_trial}/checkpoint_manager_snapshot.json")
-    last_ckpt = max(c["metrics"]["step"] for c in json.loads(snap.read_text())["checkpoint_results"])
+    last_ckpt = max(_checkpoint_steps(train_root, in_trial)[mid_trial])
     assert last_ckpt in (16, 32), last_ckpt
 
     resumed = cli([str(cfg), "--resume"])
@@ -603,7 +619,8 @@ def test_shipped_sweep_files_validate():
 
 @pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir):
-    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 2, "max_concurrent_trials": 1},
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 2, "max_concurrent_trials": 1,
+                                                     "train_in_trial": True},  # interrupted in the trial's process
                      train={"steps": 8, "eval_every": 4})
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
