@@ -352,8 +352,8 @@ class TuneSection(_Strict):
                                             "and rank by the mean over seeds (needs scheduler: none)")
     reuse_actors: Optional[bool] = Field(None, description="run later trials in earlier trials' Tune actors "
                                          "(saves their start-up); default: yes unless scheduler is asha")
-    train_in_trial: bool = Field(False, description="train each trial in its own Tune process (Ray Train's local "
-                                 "mode: no Train controller or worker process to start; one worker, checkpoints "
+    train_in_trial: bool = Field(False, description="train each trial in its own Tune process (pipeline.in_trial: no "
+                                 "Ray Train controller or worker process to start; one worker, checkpoints "
                                  "on the trial's node; base.scaling.max_failures does not apply: a trial whose "
                                  "process died continues from its last checkpoint with --resume --retry-errored)")
 

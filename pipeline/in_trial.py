@@ -30,12 +30,10 @@ class InProcess:
         self.metrics: Optional[dict[str, Any]] = None
         self.checkpoint: Optional[Path] = None
 
-    def latest(self) -> Optional[Path]:
+    def get_checkpoint(self) -> Optional[Path]:
+        """The newest kept checkpoint (a trial that runs again continues from it)."""
         found = sorted(self.root.glob("step-*")) if self.root.is_dir() else []
         return found[-1] if found else None
-
-    def get_checkpoint(self) -> Optional[Path]:
-        return self.latest()
 
     def finished_report(self, checkpoint: Path) -> None:
         """A run that had finished: its final report once more (the trial ran again)."""

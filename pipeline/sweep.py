@@ -5,8 +5,9 @@ held-out metric. Each trial runs the Ray Train job of ``pipeline.train`` and rep
 through ``TuneReportCallback``. Trials hold no CPU themselves and at most
 ``cluster CPUs // (workers x CPUs per worker)`` run at once, so a trial can never hold a CPU
 its own workers wait for. With ``tune.train_in_trial`` a one-worker trial trains in its own
-process instead (``pipeline.in_trial``) and holds that worker's resources itself. MLflow gets one parent run per sweep (search space, best config,
-trials table, objective-vs-parameter plot) and one nested child run per trial.
+process instead (``pipeline.in_trial``) and holds that worker's resources itself. MLflow gets
+one parent run per sweep (search space, best config, trials table, objective-vs-parameter plot)
+and one nested child run per trial.
 """
 
 from __future__ import annotations
