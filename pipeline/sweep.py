@@ -76,11 +76,14 @@ def _intermediate_reports(final_step: int):
 
 def _trial(params: dict[str, Any], ctx: dict) -> None:
     """Tune trainable: one Ray Train run per trial."""
+    t_start = time.time()
     from ray import tune
 
     from pipeline.train import run_training
+    from pipeline.tune_state import await_recorded
 
     trial_id = tune.get_context().get_trial_id()
+    await_recorded(ctx["tune_storage"], trial_id)  # before the trial's MLflow run: --resume must know it
     cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
     worst = -1.0 if ctx["mode"] == "max" else 1e9
     if ctx.get("seeds", 1) > 1:
@@ -89,7 +92,7 @@ def _trial(params: dict[str, Any], ctx: dict) -> None:
     out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
                        callbacks=[_intermediate_reports(cfg.train.steps)], train_name=f"trial-{trial_id}",
                        storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
-                       extra_tags={"rlora.sweep": ctx["sweep_name"]}, in_trial=ctx["in_trial"])
+                       extra_tags={"rlora.sweep": ctx["sweep_name"]}, in_trial=ctx["in_trial"], started_at=t_start)
     # The final step's metrics, now that everything is saved (also right for a trial re-run by
     # --resume whose Train run had already finished, which reports nothing through the callback).
     tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
@@ -219,7 +222,8 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "seeds": cfg.tune.seeds,
+           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "tune_storage": f"{ray_storage(cfg, sweep_dir)}/tune",
+           "seeds": cfg.tune.seeds,
            "in_trial": cfg.tune.train_in_trial}
     ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
@@ -231,6 +235,9 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
 
         resources.update(worker_resources(cfg.base.scaling, _use_gpu(cfg.base.scaling.use_gpu)))
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
+    from pipeline.tune_state import save_often
+
+    save_often()
     if resume:
         # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
         # resume from their own last checkpoints (the function reports no Tune checkpoint)
@@ -366,9 +373,10 @@ def parent_metric(role: str, metric: str) -> str:
     return f"sweep/{role}_{metric.replace('/', '_')}"
 
 
-def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
+def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> Optional[Any]:
     """The base model, without adapter, on the held-out examples every trial scores: once per
-    sweep, in the driver after the trials (reused on ``--resume``). Logged on the parent run as
+    sweep, in the sweep's tail on a freed slot (``pipeline.tail.BaseHeldOut``) or else in the
+    driver after the trials (reused on ``--resume``). Logged on the parent run as
     ``sweep/base_<objective>`` (± se) and its per-example table, so the summary can say whether
     fine-tuning helped at all, with the same paired test as between trials."""
     from pipeline.stats import objective_column
@@ -381,16 +389,16 @@ def score_base(cfg: SweepConfig, tracker) -> Optional[Any]:
         return found
     import torch
 
-    from pipeline.batching import build_mixture
-    from pipeline.models import load_model
+    from pipeline.mixture_cache import tokenised_mixture
+    from pipeline.models import load_model, resolve_model
     from pipeline.precision import autocast, load_dtype
     from pipeline.train import _log_examples, evaluate
 
     t0 = time.time()
     d = cfg.base.data
-    mix = build_mixture(d.tasks, d.train_per_task, d.eval_per_task, d.seed, d.data_dir)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     model, tok = load_model(cfg.base.model, dtype=load_dtype(cfg.base.train.precision))
+    mix = tokenised_mixture(d, tok, resolve_model(cfg.base.model))[0]  # the trials' (cached) mixture
     with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
         metrics, table = evaluate(model.eval(), tok, mix.held_out, d.max_length)
     obj = cfg.tune.metric
@@ -510,16 +518,19 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
     print(precision_note(cfg), flush=True)
 
-    from pipeline.tail import TailStart, tail_stage
+    from pipeline.stats import objective_column
+    from pipeline.tail import BaseHeldOut, TailStart, tail_stage
 
-    # the eval stage's head start in the sweep's tail (eval.overlap; not on --resume: Tune restores
-    # a sweep with the callbacks it started with)
+    # the eval stage's head start and the base model's held-out scoring in the sweep's tail
+    # (not on --resume: Tune restores a sweep with the callbacks it started with)
     tail = None if resume else tail_stage(cfg, tracker.run_id, tracking_uri)
+    base = None if resume or objective_column(cfg.tune.metric) is None else BaseHeldOut(cfg, tracking_uri,
+                                                                                        tracker.run_id)
     try:
         ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
         slots = concurrency(cfg)
-        tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume),
-                            callbacks=[TailStart(expected_trials(cfg), tail)] if tail is not None else None,
+        in_tail = [TailStart(expected_trials(cfg), tail, base)] if tail is not None or base is not None else None
+        tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume), callbacks=in_tail,
                             retry_errored=retry_errored)
         try:
             results = tuner.fit()
@@ -528,6 +539,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     except BaseException as e:
         if tail is not None:
             tail.cancel()
+        if base is not None:
+            base.cancel()
         if not isinstance(e, KeyboardInterrupt):
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
             tracker.finish("FAILED")
@@ -535,11 +548,15 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     interrupted = results is None or sum(map(_trial_ended, results)) < expected_trials(cfg)
     if interrupted and tail is not None:
         tail.cancel()
+    if interrupted and base is not None:
+        base.cancel()
     if interrupted:
         tracker.client.update_run(tracker.run_id, status="KILLED")
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
               file=sys.stderr)
         return {"interrupted": True, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id}
+    if base is not None:
+        base.wait()
     out = summarize(cfg, results, tracker, sweep_dir, score_base(cfg, tracker))
     wall = time.time() - t0
     # share of the sweep's slot-time spent in training loops (steps + evals), the rest is Ray and

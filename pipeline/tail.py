@@ -1,5 +1,6 @@
 """The sweep's tail: once its last trial has started, slots that finished trials leave idle would
-wait for the stragglers. With ``eval.overlap`` (default on) the eval stage starts there instead:
+wait for the stragglers. The base model's held-out scoring (the trials' reference) runs there, as
+a Ray task on a freed slot (``BaseHeldOut``). With ``eval.overlap`` (default on) the eval stage starts there instead:
 the base model at once, and every finished trial as soon as it is sure to be among the final
 top-k whatever the trials still running score. The stage after the sweep then only scores the
 rest and waits for what the tail started (``eval.stage.TailEval``, found through the
@@ -32,19 +33,25 @@ def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
 
 
 class TailStart(Callback):
-    """A Tune callback that calls ``tail.update()`` whenever a trial ends after the sweep's last
+    """A Tune callback that starts ``base`` (the base model's held-out scoring, ``BaseHeldOut``) and
+    calls ``tail.update()`` whenever a trial ends after the sweep's last
     trial has started (every configuration has a trial and none is waiting for resources). An
     error there is printed in one line and never stops the sweep: what the tail did not score,
     the stage after the sweep does. Tune pickles its callbacks with the experiment state:
     the tail (threads, Ray actors) stays out of the pickle, so a restored sweep has none."""
 
-    def __init__(self, expected_trials: int, tail):
-        self.expected_trials, self.tail, self.started = expected_trials, tail, False
+    def __init__(self, expected_trials: int, tail, base=None):
+        self.expected_trials, self.tail, self.base, self.started = expected_trials, tail, base, False
 
     def __getstate__(self):
-        return {**self.__dict__, "tail": None}
+        return {**self.__dict__, "tail": None, "base": None}
 
     def _update(self) -> None:
+        if self.base is not None:  # first, so the base model's held-out scoring gets the freed slot
+            try:
+                self.base.start()
+            except Exception as e:  # noqa: BLE001 - scored in the driver after the trials instead
+                print(f"base model's held-out scoring, in the sweep's tail: {type(e).__name__}: {e}"[:300], flush=True)
         if self.tail is None:
             return
         try:
@@ -69,3 +76,47 @@ class TailStart(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.started:
             self._update()
+
+
+class BaseHeldOut:
+    """``pipeline.sweep.score_base`` as a Ray task holding one trial's resources, started in the
+    sweep's tail. ``wait()`` before the summary; what it did not log (failure, cancel) the driver
+    scores after the trials as before."""
+
+    def __init__(self, cfg, tracking_uri: str, parent_run_id: str):
+        self.cfg, self.uri, self.parent_run_id, self.ref = cfg, tracking_uri, parent_run_id, None
+
+    def start(self) -> None:
+        import ray
+
+        from pipeline.train import _use_gpu, worker_resources
+
+        if self.ref is not None:
+            return
+        res = worker_resources(self.cfg.base.scaling, _use_gpu(self.cfg.base.scaling.use_gpu))
+        task = ray.remote(_score_base_task).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), max_retries=0)
+        self.ref = task.remote(self.cfg, self.uri, self.parent_run_id, max(1, int(res["CPU"])))
+
+    def wait(self) -> None:
+        import ray
+
+        if self.ref is None:
+            return
+        try:
+            ray.get(self.ref)
+        except Exception as e:  # noqa: BLE001 - the driver scores it after the trials
+            print(f"base model's held-out scoring, in the sweep's tail: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0] if str(e) else ''}"[:300] + " (scored after the trials instead)", flush=True)
+
+    def cancel(self) -> None:
+        import ray
+
+        if self.ref is not None:
+            ray.cancel(self.ref, force=True)
+
+
+def _score_base_task(cfg, tracking_uri: str, parent_run_id: str, threads: int) -> None:
+    from pipeline.sweep import score_base
+    from pipeline.tracking import Tracker
+
+    score_base(cfg, Tracker(tracking_uri, parent_run_id), threads=threads)

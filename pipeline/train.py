@@ -229,7 +229,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
     import torch.distributed as dist
 
     from pipeline import adapters
-    from pipeline.batching import LengthAwareBatches, build_mixture, encode_example
+    from pipeline.batching import LengthAwareBatches
+    from pipeline.mixture_cache import tokenised_mixture
     from pipeline.models import load_model
     from pipeline.precision import autocast, load_dtype
     from pipeline.step import accumulate_gradients, enable_gradient_checkpointing, peak_memory_gb, reset_peak_memory
@@ -288,9 +289,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
     stamps["time/at/adapter"] = time.time()
 
-    mix = build_mixture(cfg.data.tasks, cfg.data.train_per_task, cfg.data.eval_per_task, cfg.data.seed,
-                        cfg.data.data_dir)
-    encoded = [encode_example(tok, ex, cfg.data.max_length) for ex in mix.train]
+    mix, encoded, cached = tokenised_mixture(cfg.data, tok, loop_config["model_path"])
     stream = LengthAwareBatches(encoded, cfg.train.batch_size, tok.pad_token_id, seed=cfg.train.seed)
     batches = stream.for_rank(rank, world, skip_steps=start * accum)
     stamps["time/at/data"] = time.time()
@@ -310,7 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
         tracker.set_tags({"ray.worker_node_ids": ",".join(nodes), "ray.num_nodes": str(len(set(nodes))),
                           "ray.gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
                           "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-                          "device": str(device)})
+                          "device": str(device), "rlora.mixture": "cached" if cached else "built"})
     if tracker and start:
         tracker.log_metrics({"resumed_from_step": start}, step=start)
     stamps["time/at/tracking"] = time.time()
@@ -454,15 +453,16 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
                  quiet: bool = False, trial_id: Optional[str] = None, callbacks: Optional[list] = None,
                  train_name: Optional[str] = None, storage_path: Optional[str] = None,
                  nan_metrics: Optional[dict[str, float]] = None, extra_tags: Optional[dict[str, str]] = None,
-                 in_trial: bool = False) -> dict[str, Any]:
+                 in_trial: bool = False, started_at: Optional[float] = None) -> dict[str, Any]:
     """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir', 'wall_s'}.
 
     Raises on failure (``FloatingPointError`` when the loss diverged). Inside a sweep trial,
     ``trial_id`` makes the MLflow child run unique per trial: a trial restarted after the
     driver died logs into its existing run instead of creating a second one. ``in_trial`` (the sweep's
     ``tune.train_in_trial``): one worker, run in this process (``pipeline.in_trial``), its checkpoints
-    under the run's storage directory and its reports to Tune in place of ``callbacks``."""
-    t_start = time.time()
+    under the run's storage directory and its reports to Tune in place of ``callbacks``. ``started_at``
+    (epoch seconds): when the caller started on this run, the start of its ``driver`` phase."""
+    t_start = started_at or time.time()
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer

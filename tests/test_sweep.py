@@ -460,6 +460,24 @@ def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, ti
     assert cli([str(cfg), "--retry-errored"]).returncode == 2  # meaningless without --resume: refused
 
 
+@pytest.mark.slow
+def test_the_base_model_is_scored_on_a_slot_the_last_trial_leaves_free(tmp_path, tiny_model_dir):
+    """Two slots, three trials, the last one long: the base model's held-out scoring runs while it
+    trains (in the slot the second trial freed), not after it; the summary uses those scores."""
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.steps": {"grid": [4, 6, 300]}},
+                     tune={"num_samples": 1, "max_concurrent_trials": 2, "train_in_trial": True,
+                           "search_alg": "grid"}, train={"eval_every": 1000})
+    done = cli([str(cfg)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    base_at = client.get_metric_history(parents[0].info.run_id, "sweep/base_eval_mean_acc")
+    assert len(base_at) == 1
+    long_run = next(c for c in children if c.data.params["train.steps"] == "300")
+    assert long_run.info.status == "FINISHED"
+    # logged while the 300-step trial was still training, seconds before its run ended
+    assert base_at[0].timestamp < long_run.info.end_time - 2000, (base_at[0].timestamp, long_run.info.end_time)
+
+
 def _checkpoint_steps(train_root, in_trial: bool) -> dict[str, list[int]]:
     """Per trial id, the steps of the checkpoints its training has kept: Ray Train's registered ones
     (its checkpoint manager's snapshot), or the ``step-NNNNNN`` directories a run trained in its
@@ -478,17 +496,62 @@ def _checkpoint_steps(train_root, in_trial: bool) -> dict[str, list[int]]:
     return state
 
 
-# Known, open: Tune saves its experiment state at most every 10 s, so a trial that started less than
-# that before the driver died is unknown to the restored sweep, which runs a new trial in its place
-# and leaves the lost trial's MLflow run RUNNING. Trained in the trial's process a tiny-model trial
-# reaches its first checkpoint within that window, so this test can catch it (it did once, in a
-# fresh clone, 2026-12-02); with a Ray Train run per trial the start-up is longer than the window.
-LOST_TRIAL = pytest.mark.xfail(reason="a trial started < 10 s before the driver died is lost from Tune's state",
-                               strict=False)
+def kill_tree(proc):
+    """SIGKILL the sweep driver and everything under it at once, as a machine failure would: Ray's
+    own processes are the driver's descendants but not all in its process group, and left alone
+    they go on for a second or two (long enough to register another checkpoint) before noticing
+    the driver is gone."""
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=30)
+    proc.wait(30)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("in_trial", [False, pytest.param(True, marks=LOST_TRIAL)], ids=["ray_train", "in_trial"])
+def test_no_trial_has_an_mlflow_run_before_tunes_saved_state_names_it(tmp_path, tiny_model_dir):
+    """The driver is killed the moment a later trial's MLflow child run appears (Tune saves its state
+    every 10 s by default, a reused trial actor starts the next trial at once): every child run's
+    trial is in the saved state, so --resume knows each of them and no run is left RUNNING."""
+    from pipeline.tune_state import recorded
+
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1,
+                                                     "train_in_trial": True}, train={"steps": 12, "eval_every": 6})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            children = mlflow_runs(tmp_path)[2]
+            if len(children) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("no second trial started in time")
+        kill_tree(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    tune_dir = next((tmp_path / "out" / "sweeps" / "t").glob("*/tune"))
+    ids = [c.data.tags["rlora.trial_id"] for c in children]
+    assert [recorded(str(tune_dir), t) for t in ids] == [True] * len(ids), ids
+
+    resumed = cli([str(cfg), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    children = mlflow_runs(tmp_path)[2]  # the killed trials resumed in their own runs, none added or left RUNNING
+    assert set(ids) <= {c.data.tags["rlora.trial_id"] for c in children}
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children), [c.info.status for c in children]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_trial", [False, True], ids=["ray_train", "in_trial"])
 def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_dir, in_trial):
     """The driver is SIGKILLed (its whole process group) after one trial finished and while the next
     is past its first checkpoint: --resume does not rerun the finished trial, and the interrupted one
@@ -515,18 +578,7 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
                 break
         else:
             pytest.fail("no trial reached the kill window in time")
-        # the whole tree at once, as a machine failure would: Ray's own processes are the driver's
-        # descendants but not all in its process group, and left alone they go on for a second or
-        # two (long enough to register another checkpoint) before noticing the driver is gone
-        tree = psutil.Process(proc.pid).children(recursive=True)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(tree, timeout=30)
-        proc.wait(30)
+        kill_tree(proc)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
