@@ -1,15 +1,16 @@
 """``python -m benchmarks.sweep_overhead [sweep.yaml] [--set key=value ...]``: where a sweep's
 slot-time goes.
 
-Runs the sweep (``python -m pipeline.sweep``, eval stage off, a fresh sqlite store and output
-directory), then reads every trial's phase times (``time/phase/*``, see ``pipeline.timeline``) from
+Runs the sweep (``python -m pipeline.sweep``, eval stage off, a fresh sqlite store, output
+directory and tokenised-mixture cache), then reads every trial's phase times (``time/phase/*``, see ``pipeline.timeline``) from
 its MLflow run and splits the slot-time (slots x sweep wall time) into: the sweep's own set-up
 before the first trial (Ray start, parent run, Tune), each trial phase summed over trials (start-up:
 driver, Ray Train, worker init, model, adapter, data, tracking; training loop; finish and upload),
 between-trial gaps of busy slots (Tune's trial start/stop), idle slots while fewer trials than
 slots run, and the summary after the last trial. ``--with-eval`` keeps the eval stage and adds
 the whole command's wall time and the stage's time after the trials. ``--before KEY=VALUE`` adds a second arm with
-those overrides (e.g. ``tune.reuse_actors=false``); ``--repeats`` runs each arm that many times,
+those overrides (e.g. ``tune.reuse_actors=false``), ``--before-rev REV`` one on an earlier commit's
+code (a git worktree; both at once: that code with those overrides); ``--repeats`` runs each arm that many times,
 alternating, and the table shows mean ± standard error over the repeats. Writes JSON.
 """
 
@@ -68,16 +69,20 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
     return (parent.info.start_time / 1e3, parent.info.end_time / 1e3), trials, slots
 
 
-def run_once(config: str, overrides: list[str], with_eval: bool = False) -> dict:
-    """One sweep in a fresh store and output directory; its slot-time breakdown (``with_eval``:
-    its eval stage too, and the whole command's wall time)."""
+def run_once(config: str, overrides: list[str], with_eval: bool = False, code: str | None = None) -> dict:
+    """One sweep in a fresh store, output directory and mixture cache; its slot-time breakdown
+    (``with_eval``: its eval stage too, and the whole command's wall time). ``code``: a checkout
+    whose ``pipeline``/``eval`` packages run instead of the installed ones."""
     with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "RAY_ADDRESS": "", "RLORA_MIXTURE_DIR": f"{tmp}/mixtures"}
+        if code:
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))
         uri = f"sqlite:///{tmp}/mlflow.db"
         cmd = [sys.executable, "-m", "pipeline.sweep", str(Path(config).resolve()),
                *([] if with_eval else ["--set", "eval.enabled=false"]), "--set", f"base.mlflow.tracking_uri={uri}",
                "--set", f"base.output_dir={tmp}/out", *[x for o in overrides for x in ("--set", o)]]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "RAY_ADDRESS": ""})
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env=env)
         wall = time.time() - t0
         if proc.returncode != 0:
             sys.exit(f"sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -120,16 +125,28 @@ def main(argv=None):
     ap.add_argument("--with-eval", action="store_true",
                     help="keep the sweep's eval stage on and report the whole command's wall time (e.g. with "
                          "--before eval.overlap=false: the stage's head start in the sweep's tail)")
+    ap.add_argument("--before-rev", metavar="REV",
+                    help="also run a 'before' arm on git revision REV's code (a temporary worktree), e.g. HEAD~3")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_overhead-cpu.json"))
     args = ap.parse_args(argv)
 
-    arms = {"before": args.overrides + args.before, "as configured": args.overrides} if args.before \
-        else {"as configured": args.overrides}
+    arms = {"before": args.overrides + args.before, "as configured": args.overrides} \
+        if args.before or args.before_rev else {"as configured": args.overrides}
     runs: dict[str, list[dict]] = {a: [] for a in arms}
-    for k in range(args.repeats):
-        for arm, overrides in arms.items():
-            print(f"sweep_overhead: {arm} #{k + 1} ...", flush=True)
-            runs[arm].append(run_once(args.config, overrides, args.with_eval))
+    with tempfile.TemporaryDirectory() as wt:
+        code = None
+        if args.before_rev:
+            code = f"{wt}/code"
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", code, args.before_rev], check=True)
+        try:
+            for k in range(args.repeats):
+                for arm, overrides in arms.items():
+                    print(f"sweep_overhead: {arm} #{k + 1} ...", flush=True)
+                    runs[arm].append(run_once(args.config, overrides, args.with_eval,
+                                              code if arm == "before" else None))
+        finally:
+            if code:
+                subprocess.run(["git", "worktree", "remove", "--force", code], check=False)
     first = next(iter(runs.values()))[0]
     print(f"\n{args.config} {' '.join(args.overrides)}: {first['trials']} trials, {first['slots']} slot(s); "
           f"mean ± se over {args.repeats} sweep(s) per arm; slot-seconds")
@@ -146,6 +163,9 @@ def main(argv=None):
         rows.append({"category": label, **{a: cell([r[key] for r in rs], fmt) for a, rs in runs.items()}})
     print_table(rows, [("category", "where the slot-time went", ""), *[(a, a, "") for a in runs]])
     write_json(args.out, {"config": args.config, "overrides": args.overrides, "before": args.before,
+                          "before_rev": args.before_rev and subprocess.run(
+                              ["git", "rev-parse", "--short", args.before_rev], capture_output=True,
+                              text=True).stdout.strip(),
                           "with_eval": args.with_eval,
                           "repeats": args.repeats, "runs": runs})
     print(f"wrote {args.out}")
