@@ -75,7 +75,10 @@ def run_once(config: str, overrides: list[str], with_eval: bool = False, code: s
     whose ``pipeline``/``eval`` packages run instead of the installed ones."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "RAY_ADDRESS": "", "RLORA_MIXTURE_DIR": f"{tmp}/mixtures"}
-        if code:
+        if code:  # the data directory this checkout finds (the default is relative to a checkout)
+            from pipeline.data import data_dir
+
+            env.setdefault("RLORA_DATA_DIR", str(data_dir()))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))
         uri = f"sqlite:///{tmp}/mlflow.db"
         cmd = [sys.executable, "-m", "pipeline.sweep", str(Path(config).resolve()),

@@ -1,6 +1,7 @@
 """The sweep's tail: once its last trial has started, slots that finished trials leave idle would
 wait for the stragglers. The base model's held-out scoring (the trials' reference) runs there, as
-a Ray task on a freed slot (``BaseHeldOut``). With ``eval.overlap`` (default on) the eval stage starts there instead:
+a Ray task on a freed slot (``BaseHeldOut``), when a trial still running is expected to go on for
+at least ``BASE_MIN_TAIL_S`` (the median time of the ended trials less its own time so far). With ``eval.overlap`` (default on) the eval stage starts there instead:
 the base model at once, and every finished trial as soon as it is sure to be among the final
 top-k whatever the trials still running score. The stage after the sweep then only scores the
 rest and waits for what the tail started (``eval.stage.TailEval``, found through the
@@ -9,11 +10,13 @@ rest and waits for what the tail started (``eval.stage.TailEval``, found through
 
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from ray.tune import Callback
 
 TAIL_ENTRY = "eval_tail"
+BASE_MIN_TAIL_S = 10.0  # the base model's held-out scoring starts in the tail if a trial has this long left
 
 
 def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
@@ -42,12 +45,28 @@ class TailStart(Callback):
 
     def __init__(self, expected_trials: int, tail, base=None):
         self.expected_trials, self.tail, self.base, self.started = expected_trials, tail, base, False
+        self.began: dict[str, float] = {}  # trial id -> when Tune started it
+        self.took: list[float] = []  # how long each ended trial ran
 
     def __getstate__(self):
         return {**self.__dict__, "tail": None, "base": None}
 
-    def _update(self) -> None:
-        if self.base is not None:  # first, so the base model's held-out scoring gets the freed slot
+    def tail_left_s(self, trials, ended) -> float:
+        """The longest time a trial still running is expected to go on: the median time the ended
+        trials took, less what it has run so far."""
+        import statistics
+
+        now = time.time()
+        running = [t for t in trials if t is not ended and t.status == "RUNNING" and t.trial_id in self.began]
+        if not running or not self.took:
+            return 0.0
+        return max(statistics.median(self.took) - (now - self.began[t.trial_id]) for t in running)
+
+    def _update(self, trials, ended) -> None:
+        # first, so the base model's held-out scoring gets the freed slot; only where a trial is
+        # expected to run on long enough to hide it (on one CPU share it is slower than the
+        # driver's scoring after the trials, with every CPU)
+        if self.base is not None and self.tail_left_s(trials, ended) >= BASE_MIN_TAIL_S:
             try:
                 self.base.start()
             except Exception as e:  # noqa: BLE001 - scored in the driver after the trials instead
@@ -65,17 +84,20 @@ class TailStart(Callback):
         # Nothing is scored yet: this trial's Train worker group has still to claim its slot, and an
         # eval actor asking at the same moment could take it (seen: the last trial's worker group
         # timed out waiting); the tail begins at the next trial's end.
+        self.began[trial.trial_id] = time.time()
         if not self.started and len(trials) >= self.expected_trials and all(
                 t is trial or t.status != "PENDING" for t in trials):
             self.started = True
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id in self.began:
+            self.took.append(time.time() - self.began[trial.trial_id])
         if self.started:
-            self._update()
+            self._update(trials, trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.started:
-            self._update()
+            self._update(trials, trial)
 
 
 class BaseHeldOut:

@@ -464,7 +464,7 @@ def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, ti
 def test_the_base_model_is_scored_on_a_slot_the_last_trial_leaves_free(tmp_path, tiny_model_dir):
     """Two slots, three trials, the last one long: the base model's held-out scoring runs while it
     trains (in the slot the second trial freed), not after it; the summary uses those scores."""
-    cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.steps": {"grid": [4, 6, 300]}},
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"train.steps": {"grid": [200, 201, 600]}},
                      tune={"num_samples": 1, "max_concurrent_trials": 2, "train_in_trial": True,
                            "search_alg": "grid"}, train={"eval_every": 1000})
     done = cli([str(cfg)])
@@ -472,9 +472,9 @@ def test_the_base_model_is_scored_on_a_slot_the_last_trial_leaves_free(tmp_path,
     client, parents, children = mlflow_runs(tmp_path)
     base_at = client.get_metric_history(parents[0].info.run_id, "sweep/base_eval_mean_acc")
     assert len(base_at) == 1
-    long_run = next(c for c in children if c.data.params["train.steps"] == "300")
+    long_run = next(c for c in children if c.data.params["train.steps"] == "600")
     assert long_run.info.status == "FINISHED"
-    # logged while the 300-step trial was still training, seconds before its run ended
+    # logged while the 600-step trial was still training, seconds before its run ended
     assert base_at[0].timestamp < long_run.info.end_time - 2000, (base_at[0].timestamp, long_run.info.end_time)
 
 
@@ -496,20 +496,38 @@ def _checkpoint_steps(train_root, in_trial: bool) -> dict[str, list[int]]:
     return state
 
 
-def kill_tree(proc):
-    """SIGKILL the sweep driver and everything under it at once, as a machine failure would: Ray's
-    own processes are the driver's descendants but not all in its process group, and left alone
-    they go on for a second or two (long enough to register another checkpoint) before noticing
-    the driver is gone."""
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
-    for p in tree:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait(30)
+def kill_sweep_when(cfg, ready, poll_s=0.1, timeout_s=600):
+    """Start the sweep's driver, call ``ready()`` every ``poll_s`` until it returns something, then
+    SIGKILL the driver and everything under it at once, as a machine failure would (Ray's own
+    processes are the driver's descendants but not all in its process group, and left alone they go
+    on for a second or two, long enough to register another checkpoint); returns what ready() said."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout_s
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, "sweep ended before it could be killed"
+            found = ready()
+            if found:
+                break
+            time.sleep(poll_s)
+        else:
+            pytest.fail("the sweep never reached the kill window")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(tree, timeout=30)
+        proc.wait(30)
+        return found
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 @pytest.mark.slow
@@ -521,24 +539,12 @@ def test_no_trial_has_an_mlflow_run_before_tunes_saved_state_names_it(tmp_path, 
 
     cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1,
                                                      "train_in_trial": True}, train={"steps": 12, "eval_every": 6})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline:
-            assert proc.poll() is None, "sweep ended before it could be killed"
-            children = mlflow_runs(tmp_path)[2]
-            if len(children) >= 2:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("no second trial started in time")
-        kill_tree(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+
+    def two_trial_runs():
+        children = mlflow_runs(tmp_path)[2]
+        return children if len(children) >= 2 else None
+
+    children = kill_sweep_when(cfg, two_trial_runs, poll_s=0.05)
     tune_dir = next((tmp_path / "out" / "sweeps" / "t").glob("*/tune"))
     ids = [c.data.tags["rlora.trial_id"] for c in children]
     assert [recorded(str(tune_dir), t) for t in ids] == [True] * len(ids), ids
@@ -560,29 +566,16 @@ def test_sigkill_driver_then_resume_runs_each_trial_once(tmp_path, tiny_model_di
     cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1,
                                                      "train_in_trial": in_trial},
                      train={"steps": 40, "eval_every": 16})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep", str(cfg)], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
     train_root = tmp_path / "out" / "sweeps" / "t"
-    try:
+
+    def mid_trial_past_a_checkpoint():
         # a finished trial, and another one with a registered checkpoint before its last: trials of the
         # tiny model run 16 steps a second, so the training storage is polled, not MLflow
-        while time.time() < deadline:
-            time.sleep(0.1)
-            assert proc.poll() is None, "sweep ended before it could be killed"
-            state = _checkpoint_steps(train_root, in_trial)
-            mid = [t for t, ckpts in state.items() if ckpts and max(ckpts) < 40]
-            if mid and any(40 in ckpts for ckpts in state.values()):
-                mid_trial = mid[0]
-                break
-        else:
-            pytest.fail("no trial reached the kill window in time")
-        kill_tree(proc)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        state = _checkpoint_steps(train_root, in_trial)
+        mid = [t for t, ckpts in state.items() if ckpts and max(ckpts) < 40]
+        return mid[0] if mid and any(40 in ckpts for ckpts in state.values()) else None
+
+    mid_trial = kill_sweep_when(cfg, mid_trial_past_a_checkpoint)
     _, _, before = mlflow_runs(tmp_path)
     finished_before = {c.data.tags["rlora.trial_id"] for c in before if c.info.status == "FINISHED"}
     assert 1 <= len(finished_before) < 3
