@@ -22,6 +22,7 @@ from typing import Any
 
 from eval.harness import evaluate_jobs, merge_results
 from eval.stage import _base_run, _log_results, jobs_for, select_trials, settings_from, unit_settings
+from pipeline.tail import pending_placement_groups
 
 SETTLED = ("FINISHED", "FAILED", "KILLED")  # a trial run in any other state may still change the ranking
 
@@ -39,13 +40,6 @@ def certain_trials(client, parent, metric: str, mode: str, top_k: int, expected:
     # a run FINISHED by its training ran every step; the sweep tags it DONE after the trials
     return select_trials(client, parent, metric, mode, k,
                          done=lambda r: r.info.status == "FINISHED" and r.data.tags.get("tune.status", "DONE") == "DONE")
-
-
-def _pending_placement_groups() -> bool:
-    """Whether any placement group (a Train worker group claiming its slot) is still pending."""
-    from ray.util import placement_group_table
-
-    return any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in placement_group_table().values())
 
 
 class TailEval:
@@ -78,7 +72,7 @@ class TailEval:
         """Start scoring what is now certain to be scored; returns the models started by this call."""
         from pipeline.tracking import Tracker
 
-        if self.stop.is_set() or _pending_placement_groups():
+        if self.stop.is_set() or pending_placement_groups():
             return []  # a trial's worker group still waits for its slot: an eval actor must not take it
         ev = self.cfg.eval
         tracker = Tracker(self.uri, self.parent_run_id)

@@ -16,13 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 from pipeline.batching import Mixture, build_mixture, encode_example
 from pipeline.data import Example, data_dir
 
-_CODE = ("batching.py", "scoring.py", "data/core.py", "data/loaders.py", "data/tasks.py")
+_CODE = ("batching.py", "scoring.py", "step.py", "data/__init__.py", "data/core.py", "data/loaders.py",
+         "data/tasks.py")
 _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
 VERSION = 1
 
@@ -98,8 +100,9 @@ def tokenised_mixture(data, tok, model_path: str) -> tuple[Mixture, list[tuple[l
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(_dump(mix, encoded)))
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(_dump(mix, encoded), f)
             os.replace(tmp, path)
         except OSError:  # a read-only or full cache directory: the run goes on uncached
             pass

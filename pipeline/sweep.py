@@ -237,7 +237,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     from pipeline.tune_state import save_often
 
-    save_often()
+    save_often(f"{ray_storage(cfg, sweep_dir)}/tune")
     if resume:
         # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
         # resume from their own last checkpoints (the function reports no Tune checkpoint)

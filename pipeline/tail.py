@@ -10,13 +10,15 @@ rest and waits for what the tail started (``eval.stage.TailEval``, found through
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Optional
 
 from ray.tune import Callback
 
 TAIL_ENTRY = "eval_tail"
-BASE_MIN_TAIL_S = 10.0  # the base model's held-out scoring starts in the tail if a trial has this long left
+# the base model's held-out scoring starts in the tail if a trial has this long left ($RLORA_BASE_MIN_TAIL_S)
+BASE_MIN_TAIL_S = 10.0
 
 
 def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
@@ -35,6 +37,14 @@ def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
     return found[0].load()(cfg, parent_run_id, tracking_uri)
 
 
+def pending_placement_groups() -> bool:
+    """Whether any placement group (a Train worker group claiming its slot) is still pending."""
+    import ray
+    from ray.util import placement_group_table
+
+    return ray.is_initialized() and any(pg.get("state") in ("PENDING", "RESCHEDULING") for pg in placement_group_table().values())
+
+
 class TailStart(Callback):
     """A Tune callback that starts ``base`` (the base model's held-out scoring, ``BaseHeldOut``) and
     calls ``tail.update()`` whenever a trial ends after the sweep's last
@@ -47,9 +57,14 @@ class TailStart(Callback):
         self.expected_trials, self.tail, self.base, self.started = expected_trials, tail, base, False
         self.began: dict[str, float] = {}  # trial id -> when Tune started it
         self.took: list[float] = []  # how long each ended trial ran
+        self.min_tail_s = float(os.environ.get("RLORA_BASE_MIN_TAIL_S", BASE_MIN_TAIL_S))
 
     def __getstate__(self):
         return {**self.__dict__, "tail": None, "base": None}
+
+    def __setstate__(self, state):  # also one pickled by an earlier version (a sweep resumed after an upgrade)
+        self.__dict__.update({"tail": None, "base": None, "began": {}, "took": [], "min_tail_s": BASE_MIN_TAIL_S,
+                              **state})
 
     def tail_left_s(self, trials, ended) -> float:
         """The longest time a trial still running is expected to go on: the median time the ended
@@ -66,7 +81,8 @@ class TailStart(Callback):
         # first, so the base model's held-out scoring gets the freed slot; only where a trial is
         # expected to run on long enough to hide it (on one CPU share it is slower than the
         # driver's scoring after the trials, with every CPU)
-        if self.base is not None and self.tail_left_s(trials, ended) >= BASE_MIN_TAIL_S:
+        if self.base is not None and self.tail_left_s(trials, ended) >= self.min_tail_s \
+                and not pending_placement_groups():  # a trial's worker group still waits for its slot
             try:
                 self.base.start()
             except Exception as e:  # noqa: BLE001 - scored in the driver after the trials instead
@@ -111,12 +127,12 @@ class BaseHeldOut:
     def start(self) -> None:
         import ray
 
-        from pipeline.train import _use_gpu, worker_resources
+        from pipeline.train import worker_resources
 
         if self.ref is not None:
             return
-        res = worker_resources(self.cfg.base.scaling, _use_gpu(self.cfg.base.scaling.use_gpu))
-        task = ray.remote(_score_base_task).options(num_cpus=res["CPU"], num_gpus=res.get("GPU", 0), max_retries=0)
+        res = worker_resources(self.cfg.base.scaling, False)
+        task = ray.remote(_score_base_task).options(num_cpus=res["CPU"], max_retries=0)  # scores on the CPU
         self.ref = task.remote(self.cfg, self.uri, self.parent_run_id, max(1, int(res["CPU"])))
 
     def wait(self) -> None:

@@ -82,6 +82,48 @@ def test_the_eval_stage_starts_in_the_sweeps_tail_and_scores_each_model_once(tmp
     assert len(client.search_model_versions("name='t-tail'")) == 3
 
 
+def test_the_base_model_starts_in_the_tail_only_where_a_trial_has_long_enough_left():
+    """The base model's held-out scoring takes a freed slot in the tail only if a trial still running
+    is expected (median time of the ended trials, less its own so far) to go on >= 10 s; a callback
+    pickled without the tail's fields (an earlier version's, on --resume) still works."""
+    import pickle
+    import time
+
+    from ray.tune.experiment import Trial
+
+    from pipeline.tail import TailStart
+
+    class Base:
+        starts = 0
+
+        def start(self):
+            Base.starts += 1
+
+    def sweep_tail(last_started_s_ago: float) -> int:
+        Base.starts = 0
+        trials = [Trial("t", stub=True) for _ in range(3)]
+        cb = TailStart(expected_trials=3, tail=None, base=Base())
+        for t in trials:
+            t.status = "RUNNING"
+            cb.on_trial_start(0, trials, t)
+        now = time.time()
+        cb.began.update({trials[0].trial_id: now - 60, trials[1].trial_id: now - 59,
+                         trials[2].trial_id: now - last_started_s_ago})
+        cb.on_trial_complete(0, trials, trials[0])  # took ~60 s: trial 1 has ~1 s left, trial 2 60 - x
+        return Base.starts
+
+    assert sweep_tail(last_started_s_ago=5) == 1  # ~55 s left: scored in the tail
+    assert sweep_tail(last_started_s_ago=55) == 0  # ~5 s left: in the driver after the trials, on every CPU
+    cb = TailStart(expected_trials=3, tail=None, base=Base())
+    assert pickle.loads(pickle.dumps(cb)).base is None
+    old = TailStart.__new__(TailStart)
+    old.__setstate__({"expected_trials": 3, "tail": None, "started": True})
+    trial = Trial("t", stub=True)
+    old.on_trial_start(0, [trial], trial)
+    old.on_trial_complete(0, [trial], trial)
+    assert old.took and old.base is None
+
+
 def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_that_start():
     """At the last trial's start its Train worker group has yet to claim its slot: an eval actor
     started then could take it (make sweep once timed out the worker group ten times). Real Tune
@@ -121,18 +163,18 @@ def test_a_pending_placement_group_holds_the_tail_back(tmp_path):
     import ray
     from ray.util import placement_group, remove_placement_group
 
-    from eval.tail import _pending_placement_groups
+    from pipeline.tail import pending_placement_groups
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ready = placement_group([{"CPU": 1}])
         ray.get(ready.ready(), timeout=60)
-        assert not _pending_placement_groups()
+        assert not pending_placement_groups()
         remove_placement_group(ready)
         pending = placement_group([{"CPU": 2}])
         assert not pending.wait(timeout_seconds=1)
-        assert _pending_placement_groups()
+        assert pending_placement_groups()
         remove_placement_group(pending)
-        assert not _pending_placement_groups()
+        assert not pending_placement_groups()
     finally:
         ray.shutdown()
