@@ -220,10 +220,10 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from pipeline._optuna import ResumableOptunaSearch
 
+    where = ray_storage(cfg, sweep_dir)
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
            "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": f"{ray_storage(cfg, sweep_dir)}/train", "tune_storage": f"{ray_storage(cfg, sweep_dir)}/tune",
-           "seeds": cfg.tune.seeds,
+           "train_storage": f"{where}/train", "tune_storage": f"{where}/tune", "seeds": cfg.tune.seeds,
            "in_trial": cfg.tune.train_in_trial}
     ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
@@ -237,11 +237,11 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     from pipeline.tune_state import save_often
 
-    save_often(f"{ray_storage(cfg, sweep_dir)}/tune")
+    save_often(ctx["tune_storage"])
     if resume:
         # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
         # resume from their own last checkpoints (the function reports no Tune checkpoint)
-        return tune.Tuner.restore(f"{ray_storage(cfg, sweep_dir)}/tune", trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(ctx["tune_storage"], trainable=trainable, resume_unfinished=True,
                                   resume_errored=retry_errored, restart_errored=False)
     search_alg = None
     if cfg.tune.search_alg == "optuna":
@@ -261,7 +261,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
                                     scheduler=scheduler, num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrency(cfg), trial_dirname_creator=_trial_dirname,
                                     reuse_actors=reuse_trial_actors(cfg)),
-        run_config=tune.RunConfig(name="tune", storage_path=ray_storage(cfg, sweep_dir),
+        run_config=tune.RunConfig(name="tune", storage_path=where,
                                   failure_config=tune.FailureConfig(max_failures=0), callbacks=callbacks),
     )
 
@@ -546,11 +546,10 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
             tracker.finish("FAILED")
         raise
     interrupted = results is None or sum(map(_trial_ended, results)) < expected_trials(cfg)
-    if interrupted and tail is not None:
-        tail.cancel()
-    if interrupted and base is not None:
-        base.cancel()
     if interrupted:
+        for started in (tail, base):
+            if started is not None:
+                started.cancel()
         tracker.client.update_run(tracker.run_id, status="KILLED")
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
               file=sys.stderr)

@@ -1,8 +1,8 @@
 """The sweep's tail: once its last trial has started, slots that finished trials leave idle would
 wait for the stragglers. The base model's held-out scoring (the trials' reference) runs there, as
 a Ray task on a freed slot (``BaseHeldOut``), when a trial still running is expected to go on for
-at least ``BASE_MIN_TAIL_S`` (the median time of the ended trials less its own time so far). With ``eval.overlap`` (default on) the eval stage starts there instead:
-the base model at once, and every finished trial as soon as it is sure to be among the final
+at least ``BASE_MIN_TAIL_S`` (the median time of the ended trials less its own time so far). With
+``eval.overlap`` (default on) the eval stage starts there too: the base model at once, and every finished trial as soon as it is sure to be among the final
 top-k whatever the trials still running score. The stage after the sweep then only scores the
 rest and waits for what the tail started (``eval.stage.TailEval``, found through the
 ``rlora_lab.post_sweep`` entry point ``eval_tail``: ``pipeline/`` does not import ``eval/``).
