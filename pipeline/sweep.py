@@ -278,9 +278,27 @@ def reuse_trial_actors(cfg: SweepConfig) -> bool:
     return cfg.tune.scheduler != "asha"
 
 
+def end_stopped(client, run_id: str, status: str, metrics: dict) -> None:
+    """End the run of a trial that did not end itself (stopped by ASHA, or died) as of its last
+    report, not the sweep's end, with the phases its reports' stamps give (``pipeline.timeline``:
+    start-up and loop; ASHA stops it right after that report)."""
+    from mlflow.entities import Metric
+
+    from pipeline import timeline
+
+    at = metrics.get(f"{timeline.PREFIX}report")
+    phases = timeline.metrics(metrics) if status == "STOPPED" else {}
+    if phases:
+        ms, step = int(1000 * (at or time.time())), int(metrics.get("step") or 0)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), ms, step) for k, v in phases.items()])
+    client.set_terminated(run_id, "FAILED" if status == "ERROR" else "FINISHED",
+                          end_time=int(1000 * at) if at and status == "STOPPED" else None)
+
+
 def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
     """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
     (``base``: the base model's per-example held-out table, for the Δ-vs-base column)."""
+    from pipeline import timeline
     from pipeline.reports import adapter_cells, plot_objective_vs_params, section_cell, trials_table
 
     rows = []
@@ -302,10 +320,11 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
             now, cells = child_run.info.status, adapter_cells(child_run.data.params)
             # still RUNNING (stopped by ASHA, or died), or FAILED by a worker that ASHA's stop interrupted
             if now == "RUNNING" or (status == "STOPPED" and now == "FAILED"):
-                tracker.client.set_terminated(child, "FAILED" if status == "ERROR" else "FINISHED")
+                end_stopped(tracker.client, child, status, metrics)
         obj = metrics.get(cfg.tune.metric)
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
-                     "setup_s": metrics.get("time/setup_s"), "startup_s": metrics.get("time/startup_s"),
+                     "setup_s": metrics.get("time/setup_s"),
+                     "startup_s": metrics.get("time/startup_s", timeline.metrics(metrics).get("time/startup_s")),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
                      # (a restored errored trial that was not retried comes back without its config)
                      **cells, **{k: section_cell((r.config or {}).get(k)) for k in cfg.search}})

@@ -3,10 +3,10 @@ record (``time/at/<event>``, epoch seconds, one machine's clock or NTP-synchroni
 
 A run's phases, in order; each is the time between two consecutive stamps:
 
-- ``driver``: run_training entered -> ``trainer.fit()`` called (config, MLflow run and logged
+- ``driver``: run_training entered -> training about to start (config, MLflow run and logged
   model created, model path resolved)
-- ``ray_train``: fit called -> the worker process exists (Train controller, placement group,
-  worker actor spawn)
+- ``ray_train``: that -> the worker process exists (the trainer built, Train controller,
+  placement group, worker actor spawn)
 - ``worker_init``: worker process spawned -> the training function runs (imports, torch
   process group)
 - ``model``, ``adapter`` (incl. checkpoint restore and DDP wrap), ``data`` (mixture built and

@@ -321,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
             _log_examples(tracker, table, 0)
     t_last = t_loop = time.perf_counter()
     stamps["time/at/loop"] = time.time()
-    timing = {"time/setup_s": t_loop - t_enter, **stamps}
+    timing = {"time/setup_s": t_loop - t_enter, **loop_config.get("driver_stamps", {}), **stamps}
     for step in range(start + 1, cfg.train.steps + 1):
         torch.manual_seed(step_seed(cfg.train.seed, step, rank))
         ddp_model.train()
@@ -467,7 +467,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import adapters
+    from pipeline import adapters, timeline
     from pipeline.models import resolve_model
     from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
@@ -502,8 +502,10 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
 
     ensure_ray(quiet)
     name, storage = train_name or f"train-{run_id}", storage_path or cfg.storage or str(out_dir / "ray")
+    t0 = time.time()  # the driver's stamps travel in every report, so a trial ASHA stops keeps its phases
     loop_config = {"run": cfg.model_dump(mode="json"), "model_path": model_path, "model_id": model_id,
-                   "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {}}
+                   "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {},
+                   "driver_stamps": {f"{timeline.PREFIX}start": t_start, f"{timeline.PREFIX}fit": t0}}
     trainer = None if in_trial else TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -518,7 +520,6 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    t0 = time.time()
     try:
         if in_trial:
             result_metrics, checkpoint = _run_in_trial(cfg, loop_config, storage, name, callbacks)

@@ -832,6 +832,12 @@ def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_
         assert steps[c.info.run_id] == (4 if stopped else 8), lr
         assert len(client.get_metric_history(c.info.run_id, "train/loss")) >= (4 if stopped else 8), lr
         assert c.info.status == "FINISHED"
+        # every trial's start-up and loop are on its run, a stopped one's too (from its reports'
+        # stamps), and a stopped run ends at its last report, before the next trial started
+        assert {"time/startup_s", "time/phase/driver_s", "time/phase/loop_s"} <= set(c.data.metrics), lr
+        if stopped and lr != lrs[-1]:
+            assert c.info.end_time <= by_lr[lrs[lrs.index(lr) + 1]].info.start_time, lr
+    assert all(row["startup_s"] is not None for row in out["rows"])
     assert out["summary"]["stopped"] == sum(c.data.tags["tune.status"] == "STOPPED" for c in children) >= 2
     recorded = {c.info.run_id: c.data.metrics[metric] for c in children}
     assert parent.data.tags["best_run"] == max(recorded, key=recorded.get)
