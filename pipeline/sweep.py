@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import timeline
 from pipeline.config import ConfigError, RunConfig, SweepConfig, load_sweep_config, set_path
 
 STATE_FILE = "sweep_state.json"
@@ -284,8 +284,6 @@ def end_stopped(client, run_id: str, status: str, metrics: dict) -> None:
     start-up and loop; ASHA stops it right after that report)."""
     from mlflow.entities import Metric
 
-    from pipeline import timeline
-
     at = metrics.get(f"{timeline.PREFIX}report")
     phases = timeline.metrics(metrics) if status == "STOPPED" else {}
     if phases:
@@ -298,7 +296,6 @@ def end_stopped(client, run_id: str, status: str, metrics: dict) -> None:
 def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
     """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
     (``base``: the base model's per-example held-out table, for the Δ-vs-base column)."""
-    from pipeline import timeline
     from pipeline.reports import adapter_cells, plot_objective_vs_params, section_cell, trials_table
 
     rows = []
@@ -323,7 +320,7 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
                 end_stopped(tracker.client, child, status, metrics)
         obj = metrics.get(cfg.tune.metric)
         rows.append({"trial_id": trial_id, "status": status, "steps": step, "loop_s": metrics.get("time/loop_s"),
-                     "setup_s": metrics.get("time/setup_s"),
+                     "setup_s": metrics.get("time/setup_s"), "started_at": metrics.get(f"{timeline.PREFIX}start"),
                      "startup_s": metrics.get("time/startup_s", timeline.metrics(metrics).get("time/startup_s")),
                      cfg.tune.metric: obj if status != "ERROR" else None, "mlflow_run": child,
                      # (a restored errored trial that was not retried comes back without its config)
@@ -583,9 +580,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     busy = loop_s / (wall * slots) if wall > 0 else 0.0
     timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s,
               "sweep/outside_training_fraction": 1.0 - busy}
-    startups = [row["startup_s"] for row in out["rows"] if row.get("startup_s") is not None]
-    if startups:  # run_training entered -> first step (pipeline.timeline), per trial
-        timing["sweep/trial_startup_median_s"] = statistics.median(startups)
+    # run_training entered -> first step (pipeline.timeline), per trial
+    timing.update(timeline.startup_summary([(row.get("started_at"), row.get("startup_s")) for row in out["rows"]]))
     tracker.log_metrics(timing, step=0)
     out["timing"] = timing
     tracker.finish("FINISHED")
@@ -714,7 +710,9 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
           f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s"
           + (f"; a trial's start-up before its first step: median {t['sweep/trial_startup_median_s']:.1f}s"
-             if "sweep/trial_startup_median_s" in t else ""))
+             if "sweep/trial_startup_median_s" in t else "")
+          + (f" (first trial {t['sweep/trial_startup_first_s']:.1f}s, later trials median "
+             f"{t['sweep/trial_startup_later_median_s']:.1f}s)" if "sweep/trial_startup_later_median_s" in t else ""))
     if out.get("eval"):
         ev = out["eval"]
         head = f", {len(ev['tail'])} of them started in the sweep's tail" if ev.get("tail") else ""

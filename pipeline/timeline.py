@@ -40,3 +40,24 @@ def metrics(stamps: dict[str, float]) -> dict[str, float]:
     if all(k in p for k in STARTUP):
         out["time/startup_s"] = sum(p[k] for k in STARTUP)
     return out
+
+
+def startup_summary(runs: list[tuple[float | None, float | None]]) -> dict[str, float]:
+    """A sweep's start-up figures from ``(started_at, startup_s)`` per trial (epoch s; ``None`` where
+    not known): the median over all trials, the first trial to start (it builds the tokenised
+    mixture the others then read from the cache) and the median over the later ones (issue 15's
+    target). A trial without a start stamp (an older run) counts in the overall median only."""
+    known = [(t, s) for t, s in runs if s is not None]
+    out: dict[str, float] = {}
+    if not known:
+        return out
+    import statistics
+
+    out["sweep/trial_startup_median_s"] = statistics.median(s for _, s in known)
+    ordered = sorted((t, s) for t, s in known if t is not None)
+    if len(ordered) == len(known):
+        out["sweep/trial_startup_first_s"] = ordered[0][1]
+        if len(ordered) > 1:
+            out["sweep/trial_startup_later_median_s"] = statistics.median(s for _, s in ordered[1:])
+    return out
+

@@ -93,6 +93,9 @@ def test_smoke_sweep_end_to_end(tmp_path, tiny_model_dir):
     startups = [c.data.metrics["time/startup_s"] for c in children]
     assert all(s > c.data.metrics["time/phase/worker_init_s"] > 0 for s, c in zip(startups, children))
     assert parent.data.metrics["sweep/trial_startup_median_s"] == pytest.approx(sum(startups) / 2)
+    # the first trial to start (by its driver's stamp) apart from the later ones (here: one)
+    split = [parent.data.metrics[f"sweep/trial_startup_{k}_s"] for k in ("first", "later_median")]
+    assert sorted(split) == pytest.approx(sorted(startups))
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "trials")}
     assert {"trials/trials.md", "trials/trials.csv", "trials/trials.html"} <= arts
     check_paired_trials(tmp_path, client, parent, children)

@@ -3,7 +3,7 @@
 import pytest
 
 from benchmarks.sweep_overhead import slot_breakdown
-from pipeline.timeline import EVENTS, PHASES, STARTUP, metrics, phases
+from pipeline.timeline import EVENTS, PHASES, STARTUP, metrics, phases, startup_summary
 
 
 def stamps(gaps):
@@ -43,3 +43,14 @@ def test_slot_breakdown_accounts_for_every_slot_second():
     assert cats["between/idle slots"] == 2 * 80.0 - (30 + 38 + 45)
     assert cats["summary (after the last trial)"] == 20.0
     assert sum(cats.values()) == pytest.approx(200.0)
+
+
+def test_startup_summary_separates_the_first_trial_to_start_from_the_later_ones():
+    # listed out of start order, as Tune returns results
+    got = startup_summary([(30.0, 4.0), (10.0, 9.0), (20.0, 5.0), (40.0, 3.0)])
+    assert got["sweep/trial_startup_first_s"] == 9.0
+    assert got["sweep/trial_startup_later_median_s"] == 4.0  # of 5, 4, 3
+    assert got["sweep/trial_startup_median_s"] == 4.5
+    # a trial without its start stamp: the order is unknown, only the overall median is given
+    assert startup_summary([(None, 4.0), (10.0, 9.0)]) == {"sweep/trial_startup_median_s": 6.5}
+    assert startup_summary([(10.0, None)]) == {}
