@@ -11,7 +11,8 @@ slots run, and the summary after the last trial. ``--with-eval`` keeps the eval 
 the whole command's wall time and the stage's time after the trials. ``--before KEY=VALUE`` adds a second arm with
 those overrides (e.g. ``tune.reuse_actors=false``), ``--before-rev REV`` one on an earlier commit's
 code (a git worktree; both at once: that code with those overrides); ``--repeats`` runs each arm that many times,
-alternating, and the table shows mean ± standard error over the repeats. Writes JSON.
+alternating, and the table shows mean ± standard error over the repeats. ``--read TRACKING_URI
+PARENT_RUN_ID`` runs nothing and breaks down a finished sweep (e.g. a ``make sweep``). Writes JSON.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
     parent = client.get_run(parent_id)
     exp = parent.info.experiment_id
     runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
-    trials = []
+    trials, missing = [], 0
     for r in runs:
         phases = {k.removeprefix("time/phase/").removesuffix("_s"): v for k, v in r.data.metrics.items()
                   if k.startswith("time/phase/")}
@@ -64,6 +65,10 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
             end = r.info.end_time / 1e3  # FINISHED right after the last stamp; the phases tile the run
             trials.append({"run_id": r.info.run_id, "span": (end - sum(phases.values()), end),
                            "phases": phases, "setup_s": r.data.metrics.get("time/startup_s")})
+        elif r.data.tags.get("rlora.trial_id"):  # e.g. a stopped trial of a version that did not log its phases
+            missing += 1
+    if missing:
+        print(f"warning: {missing} trial run(s) without phase times: their slot-time counts as idle", file=sys.stderr)
     trials.sort(key=lambda t: t["span"][0])
     slots = int(parent.data.metrics["sweep/slots"])
     return (parent.info.start_time / 1e3, parent.info.end_time / 1e3), trials, slots
@@ -90,17 +95,22 @@ def run_once(config: str, overrides: list[str], with_eval: bool = False, code: s
         if proc.returncode != 0:
             sys.exit(f"sweep failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
         parent_id = re.search(r"MLflow parent run (\w+)", proc.stdout).group(1)
-        parent, trials, slots = read_sweep(uri, parent_id)
-    total = slots * (parent[1] - parent[0])
-    cats = slot_breakdown(parent, trials, slots)
-    startup = [t["setup_s"] for t in trials if t["setup_s"] is not None]
-    extra = {}
+        out = analyse(uri, parent_id)
     if with_eval:  # the stage after the trials, and how many models it found already started in the tail
         stage = re.search(r"^eval stage \((\d+)s after the trials", proc.stdout, re.M)
         tail = re.search(r"(\d+) started in the sweep's tail", proc.stdout)
-        extra = {"command_wall_s": wall, "eval_after_trials_s": float(stage.group(1)) if stage else None,
-                 "models_started_in_tail": int(tail.group(1)) if tail else 0}
-    return {**extra, "trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
+        out.update({"command_wall_s": wall, "eval_after_trials_s": float(stage.group(1)) if stage else None,
+                    "models_started_in_tail": int(tail.group(1)) if tail else 0})
+    return out
+
+
+def analyse(tracking_uri: str, parent_id: str) -> dict:
+    """The slot-time breakdown of a finished sweep, from its MLflow runs."""
+    parent, trials, slots = read_sweep(tracking_uri, parent_id)
+    total = slots * (parent[1] - parent[0])
+    cats = slot_breakdown(parent, trials, slots)
+    startup = [t["setup_s"] for t in trials if t["setup_s"] is not None]
+    return {"trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
             "outside_training_share": 1 - cats.get("trial: loop", 0.0) / total, "categories": cats,
             "startup_first_s": startup[0] if startup else None,
             "startup_later_median_s": statistics.median(startup[1:]) if len(startup) > 1 else None,
@@ -130,8 +140,15 @@ def main(argv=None):
                          "--before eval.overlap=false: the stage's head start in the sweep's tail)")
     ap.add_argument("--before-rev", metavar="REV",
                     help="also run a 'before' arm on git revision REV's code (a temporary worktree), e.g. HEAD~3")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep_overhead-cpu.json"))
+    ap.add_argument("--read", nargs=2, metavar=("TRACKING_URI", "PARENT_RUN_ID"),
+                    help="run nothing: break down a finished sweep (e.g. the main job's) from its MLflow runs")
+    ap.add_argument("--out", type=Path, help="JSON written (default benchmarks/results/sweep_overhead-cpu.json, "
+                                             "with --read sweep_overhead-read-cpu.json)")
     args = ap.parse_args(argv)
+    if args.read:
+        if args.before or args.before_rev or args.overrides or args.with_eval or args.repeats != 1:
+            ap.error("--read takes no sweep settings: it runs nothing")
+        return report({"read": [analyse(*args.read)]}, args, args.out or Path("benchmarks/results/sweep_overhead-read-cpu.json"))
 
     arms = {"before": args.overrides + args.before, "as configured": args.overrides} \
         if args.before or args.before_rev else {"as configured": args.overrides}
@@ -150,8 +167,13 @@ def main(argv=None):
         finally:
             if code:
                 subprocess.run(["git", "worktree", "remove", "--force", code], check=False)
+    report(runs, args, args.out or Path("benchmarks/results/sweep_overhead-cpu.json"))
+
+
+def report(runs: dict[str, list[dict]], args, out: Path) -> None:
     first = next(iter(runs.values()))[0]
-    print(f"\n{args.config} {' '.join(args.overrides)}: {first['trials']} trials, {first['slots']} slot(s); "
+    what = f"sweep {args.read[1]} ({args.read[0]})" if args.read else f"{args.config} {' '.join(args.overrides)}"
+    print(f"\n{what}: {first['trials']} trials, {first['slots']} slot(s); "
           f"mean ± se over {args.repeats} sweep(s) per arm; slot-seconds")
     cats = list(dict.fromkeys(c for rs in runs.values() for r in rs for c in r["categories"]))
     rows = [{"category": c, **{a: cell([r["categories"].get(c, 0.0) for r in rs], ".1f") for a, rs in runs.items()}}
@@ -165,13 +187,12 @@ def main(argv=None):
                               if args.with_eval else [])]:
         rows.append({"category": label, **{a: cell([r[key] for r in rs], fmt) for a, rs in runs.items()}})
     print_table(rows, [("category", "where the slot-time went", ""), *[(a, a, "") for a in runs]])
-    write_json(args.out, {"config": args.config, "overrides": args.overrides, "before": args.before,
-                          "before_rev": args.before_rev and subprocess.run(
-                              ["git", "rev-parse", "--short", args.before_rev], capture_output=True,
-                              text=True).stdout.strip(),
-                          "with_eval": args.with_eval,
-                          "repeats": args.repeats, "runs": runs})
-    print(f"wrote {args.out}")
+    write_json(out, {"config": args.config, "read": args.read, "overrides": args.overrides, "before": args.before,
+                     "before_rev": args.before_rev and subprocess.run(
+                         ["git", "rev-parse", "--short", args.before_rev], capture_output=True,
+                         text=True).stdout.strip(),
+                     "with_eval": args.with_eval, "repeats": args.repeats, "runs": runs})
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

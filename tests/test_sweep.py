@@ -841,6 +841,12 @@ def test_asha_stops_the_known_worse_trials_and_frees_their_placement_groups(tmp_
         if stopped and lr != lrs[-1]:
             assert c.info.end_time <= by_lr[lrs[lrs.index(lr) + 1]].info.start_time, lr
     assert all(row["startup_s"] is not None for row in out["rows"])
+    # the overhead benchmark's breakdown of this sweep counts all four trials, the stopped ones too
+    from benchmarks.sweep_overhead import analyse
+
+    split = analyse(f"sqlite:///{tmp_path / 'mlflow.db'}", out["parent_run_id"])
+    assert split["trials"] == 4 and sum(split["categories"].values()) == pytest.approx(split["slot_s"])
+    assert split["categories"]["trial: loop"] >= sum(c.data.metrics["time/phase/loop_s"] for c in children) - 1e-6
     assert out["summary"]["stopped"] == sum(c.data.tags["tune.status"] == "STOPPED" for c in children) >= 2
     recorded = {c.info.run_id: c.data.metrics[metric] for c in children}
     assert parent.data.tags["best_run"] == max(recorded, key=recorded.get)
