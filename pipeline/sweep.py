@@ -561,8 +561,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
             tracker.set_tags({"error": f"{type(e).__name__}: {e}"[:500]})
             tracker.finish("FAILED")
         raise
-    interrupted = results is None or sum(map(_trial_ended, results)) < expected_trials(cfg)
-    if interrupted:
+    def stopped() -> dict[str, Any]:  # interrupted: the parent KILLED, and how to go on
         for started in (tail, base):
             if started is not None:
                 started.cancel()
@@ -570,9 +569,15 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
         print(f"\nsweep interrupted; resume with:\n  python -m pipeline.sweep {config_path} --resume {sweep_dir}",
               file=sys.stderr)
         return {"interrupted": True, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id}
-    if base is not None:
-        base.wait()
-    out = summarize(cfg, results, tracker, sweep_dir, score_base(cfg, tracker))
+
+    if results is None or sum(map(_trial_ended, results)) < expected_trials(cfg):
+        return stopped()
+    try:  # a Ctrl-C while the base model is scored or the summary written: --resume does both again
+        if base is not None:
+            base.wait()
+        out = summarize(cfg, results, tracker, sweep_dir, score_base(cfg, tracker))
+    except KeyboardInterrupt:
+        return stopped()
     wall = time.time() - t0
     # share of the sweep's slot-time spent in training loops (steps + evals), the rest is Ray and
     # worker start-up, model loading, scheduling and idle slots

@@ -722,6 +722,42 @@ def test_ctrl_c_stops_cleanly_and_prints_how_to_resume(tmp_path, tiny_model_dir)
         f"{seen}\n--- first run:\n{err[-4000:]}\n--- resume:\n{done.stderr[-4000:]}")
 
 
+@pytest.mark.slow
+def test_ctrl_c_while_the_base_model_is_scored_after_the_trials_leaves_a_resumable_killed_sweep(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """A Ctrl-C that lands after the trials, while the driver scores the base model (a minute on
+    the main job): the parent run is KILLED (not left RUNNING), the resume command is printed, and
+    ``--resume`` scores the base model, writes the summary and finishes the parent without training
+    again. The interrupt is raised where the base scoring starts, in a real sweep run in this process."""
+    import ray
+
+    from pipeline import sweep
+    from pipeline.config import load_sweep_config
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 1, "train_in_trial": True}, train={"steps": 2})
+    monkeypatch.setattr(sweep, "score_base", interrupted)
+    try:
+        out = sweep.run_sweep(load_sweep_config(str(cfg), []), str(cfg))
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped the sweep: its parent run is left RUNNING")
+    finally:
+        ray.shutdown()
+    monkeypatch.undo()
+    assert out.get("interrupted")
+    client, parents, children = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "KILLED" and [c.info.status for c in children] == ["FINISHED"]
+    assert "sweep/base_eval_mean_acc" not in parents[0].data.metrics
+    done = cli([str(cfg), "--resume", out["sweep_dir"]])
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, parents, children = mlflow_runs(tmp_path)
+    assert parents[0].info.status == "FINISHED" and len(children) == 1 and "best_run" in parents[0].data.tags
+    assert "sweep/base_eval_mean_acc" in parents[0].data.metrics
+    assert len(client.get_metric_history(children[0].info.run_id, "train/loss")) == 2  # not trained again
+
+
 def test_report_tables_round_in_markdown_and_html_but_keep_full_precision_in_csv(tmp_path):
     from pipeline.reports import write_table
 
