@@ -55,6 +55,8 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
 
     client = MlflowClient(tracking_uri)
     parent = client.get_run(parent_id)
+    if not parent.info.end_time or "sweep/slots" not in parent.data.metrics:
+        sys.exit(f"error: sweep {parent_id} has not finished (run {parent.info.status}): nothing to break down")
     exp = parent.info.experiment_id
     runs = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent_id}'")
     trials, missing = [], 0
@@ -69,6 +71,9 @@ def read_sweep(tracking_uri: str, parent_id: str) -> tuple[tuple[float, float], 
             missing += 1
     if missing:
         print(f"warning: {missing} trial run(s) without phase times: their slot-time counts as idle", file=sys.stderr)
+    if not trials:
+        sys.exit(f"error: sweep {parent_id} has no trial runs with phase times (e.g. tune.seeds > 1: "
+                 "its seed runs are not broken down)")
     trials.sort(key=lambda t: t["span"][0])
     slots = int(parent.data.metrics["sweep/slots"])
     return (parent.info.start_time / 1e3, parent.info.end_time / 1e3), trials, slots
@@ -122,7 +127,9 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return m, (statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None)
 
 
-def cell(values: list[float], fmt: str) -> str:
+def cell(values: list[float | None], fmt: str) -> str:
+    if any(v is None for v in values):  # e.g. no later trials
+        return "–"
     m, se = mean_se(values)
     return format(m, fmt) + (f" ± {format(se, fmt)}" if se is not None else "")
 

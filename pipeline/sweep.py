@@ -583,8 +583,9 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     # worker start-up, model loading, scheduling and idle slots
     loop_s = sum((row.get("loop_s") or 0.0) for row in out["rows"])
     busy = loop_s / (wall * slots) if wall > 0 else 0.0
-    timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s,
-              "sweep/outside_training_fraction": 1.0 - busy}
+    timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s}
+    if not resume:  # a resumed sweep's clock starts at the resume: its trials' earlier loops do not fit in it
+        timing["sweep/outside_training_fraction"] = 1.0 - busy
     # run_training entered -> first step (pipeline.timeline), per trial
     timing.update(timeline.startup_summary([(row.get("started_at"), row.get("startup_s")) for row in out["rows"]]))
     tracker.log_metrics(timing, step=0)
@@ -712,8 +713,10 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
                 print(sentence[0].upper() + sentence[1:] + ".")
         print(open(Path(out["sweep_dir"]) / "report" / "trials.md").read().rstrip())
     t = out["timing"]
+    share = t.get("sweep/outside_training_fraction")
     print(f"time outside training loops (Ray/worker start-up, model load, scheduling, idle slots): "
-          f"{100 * t['sweep/outside_training_fraction']:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s"
+          + (f"{100 * share:.1f}% of {t['sweep/slots']} slot(s) x {t['sweep/wall_s']:.0f}s" if share is not None
+             else "not measured (a resumed sweep)")
           + (f"; a trial's start-up before its first step: median {t['sweep/trial_startup_median_s']:.1f}s"
              if "sweep/trial_startup_median_s" in t else "")
           + (f" (first trial {t['sweep/trial_startup_first_s']:.1f}s, later trials median "
