@@ -194,7 +194,7 @@ def report(runs: dict[str, list[dict]], args, out: Path) -> None:
                               if args.with_eval else [])]:
         rows.append({"category": label, **{a: cell([r[key] for r in rs], fmt) for a, rs in runs.items()}})
     print_table(rows, [("category", "where the slot-time went", ""), *[(a, a, "") for a in runs]])
-    write_json(out, {"config": args.config, "read": args.read, "overrides": args.overrides, "before": args.before,
+    write_json(out, {"config": None if args.read else args.config, "read": args.read, "overrides": args.overrides, "before": args.before,
                      "before_rev": args.before_rev and subprocess.run(
                          ["git", "rev-parse", "--short", args.before_rev], capture_output=True,
                          text=True).stdout.strip(),
