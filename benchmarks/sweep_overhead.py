@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_json
+from pipeline.timeline import startup_summary
 
 
 def slot_breakdown(parent: tuple[float, float], trials: list[dict], slots: int) -> dict[str, float]:
@@ -114,11 +115,11 @@ def analyse(tracking_uri: str, parent_id: str) -> dict:
     parent, trials, slots = read_sweep(tracking_uri, parent_id)
     total = slots * (parent[1] - parent[0])
     cats = slot_breakdown(parent, trials, slots)
-    startup = [t["setup_s"] for t in trials if t["setup_s"] is not None]
+    startup = startup_summary([(t["span"][0], t["setup_s"]) for t in trials])  # the sweep's own split
     return {"trials": len(trials), "slots": slots, "sweep_s": parent[1] - parent[0], "slot_s": total,
             "outside_training_share": 1 - cats.get("trial: loop", 0.0) / total, "categories": cats,
-            "startup_first_s": startup[0] if startup else None,
-            "startup_later_median_s": statistics.median(startup[1:]) if len(startup) > 1 else None,
+            "startup_first_s": startup.get("sweep/trial_startup_first_s"),
+            "startup_later_median_s": startup.get("sweep/trial_startup_later_median_s"),
             "trial_phases": [t["phases"] for t in trials]}
 
 

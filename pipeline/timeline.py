@@ -60,4 +60,3 @@ def startup_summary(runs: list[tuple[float | None, float | None]]) -> dict[str, 
         if len(ordered) > 1:
             out["sweep/trial_startup_later_median_s"] = statistics.median(s for _, s in ordered[1:])
     return out
-
