@@ -34,8 +34,8 @@ train: setup
 reproduce: setup
 	$(BIN)/python -m eval.reproduce sweeps/ablation.yaml
 
-test: setup
-	$(BIN)/python -m pytest -q
+test: setup  # per-test durations: outputs/tests/durations.json (and junit.xml); the per-file table is printed
+	$(BIN)/python -m pytest -q --junitxml=outputs/tests/junit.xml
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

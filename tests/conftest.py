@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+pytest_plugins = ["suite_times"]  # per-test durations to a file, time per file at the end
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
