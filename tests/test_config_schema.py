@@ -56,7 +56,24 @@ def test_overrides_and_file_errors(tmp_path):
     assert RunConfig().train.eval_every == 50
 
 
-@pytest.mark.parametrize("storage", ["s3://bucket/prefix", "gs://b", "file:///mnt/shared/ray", "/mnt/shared/ray",
-                                     "relative/dir", None])
-def test_storage_takes_uris_and_paths(storage):
-    assert RunConfig.model_validate({"storage": storage}).storage == storage
+@pytest.mark.parametrize("storage, ok", [
+    ("s3://bucket/prefix", True), ("gs://b", True), ("file:///mnt/shared/ray", True), ("/mnt/shared/ray", True),
+    ("relative/dir", True), (None, True),
+    ("s3:/bucket/prefix", False), ("file:/mnt/shared", False), ("gs:b/x:/y", False), ("3s://bucket", False)])
+def test_storage_takes_uris_and_paths_and_refuses_malformed_uris(tmp_path, storage, ok):
+    """A path or a scheme://... URI is kept as given; a value that looks like a URI but is not one (a
+    single slash after the scheme, a scheme that cannot be one) is refused in one line naming
+    ``storage`` instead of being taken for a relative directory."""
+    text = "storage: null\n" if storage is None else f"storage: {storage!r}\n"
+    if not ok:
+        with pytest.raises(ConfigError) as e:
+            load_run_config(write(tmp_path, text))
+        assert str(e.value).startswith("storage:") and "\n" not in str(e.value), str(e.value)
+        return
+    cfg = load_run_config(write(tmp_path, text))
+    assert cfg.storage == storage
+    if storage and storage.startswith(("file://", "/")):  # what Ray's storage layer makes of it
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+        assert isinstance(fs, pyarrow.fs.LocalFileSystem) and path == "/mnt/shared/ray"

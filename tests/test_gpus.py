@@ -145,10 +145,8 @@ def test_eval_actors_take_gpu_shares(ray_with_logical_gpus, tiny_model_dir):
     assert len({repr(r["scores"]) for r in results}) == 1  # the same model scored alike everywhere
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the machine without CUDA")
 def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_0():
-    import torch
-
-    assert not torch.cuda.is_available()  # this suite runs on CPU machines
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
