@@ -58,12 +58,19 @@ class EvalJob:
 
 
 @functools.cache
-def task_manager():
-    """lm-eval's task index with the project's tasks: built once per process (indexing lm-eval's
-    ~15,000 task configs takes seconds; every evaluation used to pay it again)."""
+def task_manager(stock: bool = False):
+    """lm-eval's task index, built once per process: the project's offline tasks only (a tenth of a
+    second), or with ``stock`` lm-eval's own ~15,000 task configs beside them (indexing those takes
+    about 8 s, which every eval worker would pay for tasks it never loads)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASK_DIR))
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=stock)
+
+
+def task_manager_for(tasks) -> Any:
+    """The smallest index that knows every one of ``tasks``: the project's own, unless one is a stock name."""
+    local = task_manager()
+    return local if all(t in local.all_tasks for t in tasks) else task_manager(stock=True)
 
 
 def _ray_gpu_ids() -> list:
@@ -150,7 +157,7 @@ class Evaluator:
             with autocast(s.precision, self.device):
                 return lm_eval.simple_evaluate(
                     model=lm, tasks=list(s.tasks), num_fewshot=s.num_fewshot, limit=s.limit, gen_kwargs=s.gen_kwargs,
-                    task_manager=task_manager(), log_samples=log_samples,
+                    task_manager=task_manager_for(s.tasks), log_samples=log_samples,
                     bootstrap_iters=STDERR_BOOTSTRAP_ITERS, random_seed=s.seed, numpy_random_seed=s.seed,
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:

@@ -35,9 +35,9 @@ class EvalInputError(ValueError):
 
 def resolve_tasks(names: list[str], source: str) -> list[str]:
     if source == "stock":  # lm-eval's own tasks (their datasets come from the hub)
-        from lm_eval.tasks import TaskManager
+        from eval.harness import task_manager
 
-        known_stock = set(TaskManager().all_tasks)
+        known_stock = set(task_manager(stock=True).all_tasks) - set(task_manager().all_tasks)
         for n in names:
             if n not in known_stock:
                 raise EvalInputError(f"--tasks: {n!r} is not an lm-eval task or group")

@@ -192,6 +192,23 @@ def test_stock_names_pass_through_and_unknown_ones_fail_in_one_line():
         resolve_tasks(["hellaswag"], "local")
 
 
+def test_the_project_index_builds_every_offline_task_as_the_full_index_does():
+    """Eval workers index only the project's task files (not lm-eval's ~15,000 stock configs): every
+    offline task and group builds from that index with the same configuration as from the full one,
+    and a job that names a stock task gets the full index."""
+    from eval.harness import task_manager, task_manager_for
+    from pipeline.eval_names import local_names
+
+    lean, full = task_manager(), task_manager(stock=True)
+    assert len(full.all_tasks) > 20 * len(lean.all_tasks)
+    for name in sorted(set(local_names().values())):
+        a, b = lean.load([name]), full.load([name])
+        assert sorted(a["tasks"]) == sorted(b["tasks"]), name
+        assert all(a["tasks"][k].config.to_dict() == b["tasks"][k].config.to_dict() for k in b["tasks"]), name
+    assert task_manager_for(["rlora_mmlu", "rlora_heldout_sst2"]) is lean
+    assert task_manager_for(["rlora_mmlu", "arc_easy"]) is full
+
+
 def test_local_names_of_every_family():
     assert resolve_tasks(["bbh", "bbh_zeroshot", "heldout_five_task", "mmlu", "mmlu_continuation"], "local") == [
         "rlora_bbh", "rlora_bbh_zeroshot", "rlora_heldout_five_task", "rlora_mmlu", "rlora_mmlu_continuation"]
