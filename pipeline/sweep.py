@@ -545,7 +545,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     try:
         ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
         slots = concurrency(cfg)
-        in_tail = [TailStart(expected_trials(cfg), tail, base)] if tail is not None or base is not None else None
+        in_tail = [TailStart(expected_trials(cfg), tail, base, slot_at_start=cfg.tune.train_in_trial)
+                   ] if tail is not None or base is not None else None
         tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=bool(resume), callbacks=in_tail,
                             retry_errored=retry_errored)
         try:

@@ -53,18 +53,22 @@ class TailStart(Callback):
     the stage after the sweep does. Tune pickles its callbacks with the experiment state:
     the tail (threads, Ray actors) stays out of the pickle, so a restored sweep has none."""
 
-    def __init__(self, expected_trials: int, tail, base=None):
+    def __init__(self, expected_trials: int, tail, base=None, slot_at_start: bool = False):
+        """``slot_at_start``: a trial holds its slot from its start (trained in its trial's process);
+        otherwise its Train worker group claims it later, which the trial's first report shows."""
         self.expected_trials, self.tail, self.base, self.started = expected_trials, tail, base, False
+        self.slot_at_start = slot_at_start
         self.began: dict[str, float] = {}  # trial id -> when Tune started it
         self.took: list[float] = []  # how long each ended trial ran
         self.min_tail_s = float(os.environ.get("RLORA_BASE_MIN_TAIL_S", BASE_MIN_TAIL_S))
+        self.deferred = False  # a slot was freed while a trial had yet to hold its own: start it later
 
     def __getstate__(self):
         return {**self.__dict__, "tail": None, "base": None}
 
     def __setstate__(self, state):  # also one pickled by an earlier version (a sweep resumed after an upgrade)
         self.__dict__.update({"tail": None, "base": None, "began": {}, "took": [], "min_tail_s": BASE_MIN_TAIL_S,
-                              **state})
+                              "deferred": False, "slot_at_start": False, **state})
 
     def tail_left_s(self, trials, ended) -> float:
         """The longest time a trial still running is expected to go on: the median time the ended
@@ -78,11 +82,17 @@ class TailStart(Callback):
         return max(statistics.median(self.took) - (now - self.began[t.trial_id]) for t in running)
 
     def _update(self, trials, ended) -> None:
+        # A trial's worker group still waiting for its slot (the last trial, started as an earlier one
+        # ended) must get it before any eval actor: nothing starts now, and Tune's next loop step with
+        # no pending group tries again (trials of equal length end together, and the next trial end
+        # may be the straggler's own, when the tail has nothing left to hide).
+        self.deferred = pending_placement_groups()
+        if self.deferred:
+            return
         # first, so the base model's held-out scoring gets the freed slot; only where a trial is
         # expected to run on long enough to hide it (on one CPU share it is slower than the
         # driver's scoring after the trials, with every CPU)
-        if self.base is not None and self.tail_left_s(trials, ended) >= self.min_tail_s \
-                and not pending_placement_groups():  # a trial's worker group still waits for its slot
+        if self.base is not None and self.tail_left_s(trials, ended) >= self.min_tail_s:
             try:
                 self.base.start()
             except Exception as e:  # noqa: BLE001 - scored in the driver after the trials instead
@@ -99,11 +109,21 @@ class TailStart(Callback):
         # Tune calls this before it marks ``trial`` RUNNING: every other trial must be past PENDING.
         # Nothing is scored yet: this trial's Train worker group has still to claim its slot, and an
         # eval actor asking at the same moment could take it (seen: the last trial's worker group
-        # timed out waiting); the tail begins at the next trial's end.
+        # timed out waiting); the tail begins at the next trial's end, or, where trials already
+        # ended (several at once, the last trial taking one of their slots), once this one is under way.
         self.began[trial.trial_id] = time.time()
         if not self.started and len(trials) >= self.expected_trials and all(
                 t is trial or t.status != "PENDING" for t in trials):
             self.started = True
+            self.deferred = bool(self.took)
+
+    def under_way(self, trials) -> bool:
+        """Every running trial holds its slot: no placement group is pending and, where a trial's
+        worker group claims its slot after the trial starts, every running trial has reported."""
+        if pending_placement_groups():
+            return False
+        return self.slot_at_start or all(t.last_result.get("training_iteration") for t in trials
+                                         if t.status == "RUNNING")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.trial_id in self.began:
@@ -114,6 +134,10 @@ class TailStart(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         if self.started:
             self._update(trials, trial)
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.deferred and self.under_way(trials):
+            self._update(trials, None)
 
 
 class BaseHeldOut:

@@ -1,12 +1,9 @@
 """The eval stage's head start in the sweep's tail (eval.overlap): which trials are sure to be in the
-final top-k (real MLflow store), and a real sweep whose stage starts while its last trial runs."""
-
-import json
-from pathlib import Path
+final top-k (real MLflow store), when the tail starts (Tune's callback with real stub trials), and a
+pending placement group holding it back. A real sweep whose stage starts while its last trial runs is
+the smoke sweep of test_sweep.py (``test_the_eval_stage_starts_in_the_sweeps_tail...``)."""
 
 import pytest
-
-from tests.test_sweep import cli, mlflow_runs, sweep_yaml
 
 
 def _store(tmp_path, trials):
@@ -46,40 +43,6 @@ def test_a_finished_trial_is_started_only_once_no_unsettled_trial_can_push_it_ou
     assert _certain(client, parent, top_k=3, expected=5) == ["a", "b"]  # only e unsettled
     assert _certain(client, parent, top_k=1, expected=5, mode="min") == []
     assert _certain(client, parent, top_k=2, expected=5, mode="min") == ["b"]
-
-
-@pytest.mark.slow
-def test_the_eval_stage_starts_in_the_sweeps_tail_and_scores_each_model_once(tmp_path, tiny_model_dir):
-    # 3 configurations on 2 slots: the third starts when the first ends, and from then on the base
-    # model and every finished trial (top_k covers all three) can be scored on the slot it freed
-    ev = {"top_k": 3, "tasks": ["mmlu"], "limit": 1, "registry_name": "t-tail"}
-    path = sweep_yaml(tmp_path, tiny_model_dir, search={"adapter.num_heads": {"grid": [2, 3, 4]}},
-                      tune={"num_samples": 1, "search_alg": "grid", "max_concurrent_trials": 2}, eval_=ev)
-    proc = cli([str(path)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval stage, in the sweep's tail: scoring base" in proc.stdout
-    client, parents, children = mlflow_runs(tmp_path)
-    parent = parents[0]
-    summary = json.loads((Path(parent.data.tags["sweep_dir"]) / "eval" / "eval_stage.json").read_text())
-    assert "base" in summary["tail"] and len(summary["tail"]) >= 2, summary["tail"]  # base and >= 1 trial
-    assert not summary["failed"] and len(summary["rows"]) == 4
-    last_trial_end = max(c.info.end_time for c in children)  # ms
-    runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    by_name = {r.data.tags.get("rlora.trial_id", "base" if r.data.tags.get("rlora.eval_role") == "base" else None): r
-               for r in runs}
-    early = set()
-    for name in summary["tail"]:
-        rid = by_name[name].info.run_id
-        assert len(client.get_metric_history(rid, "mmlu/avg")) == 1  # the stage after the sweep did not score it again
-        wall = client.get_metric_history(rid, "eval/wall_s")[0]
-        if wall.timestamp - 1000 * wall.value < last_trial_end:  # its scoring began while a trial still ran
-            early.add(name)
-    # the base model and the first finished trial were started when the last trial started, and ran
-    # on the slot the second trial freed; the last trial itself can only be scored after it ended
-    assert "base" in early and len(early) >= 2, (early, summary["tail"])
-    for name in {"base", *(c.data.tags["rlora.trial_id"] for c in children)} - set(summary["tail"]):
-        assert len(client.get_metric_history(by_name[name].info.run_id, "mmlu/avg")) == 1
-    assert len(client.search_model_versions("name='t-tail'")) == 3
 
 
 def test_the_base_model_starts_in_the_tail_only_where_a_trial_has_long_enough_left():
@@ -157,14 +120,63 @@ def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_th
     assert pickle.loads(pickle.dumps(cb)).tail is None  # Tune stores callbacks: the tail stays out
 
 
-def test_a_pending_placement_group_holds_the_tail_back(tmp_path):
+@pytest.mark.parametrize("slot_at_start", [True, False], ids=["in_trial", "ray_train"])
+def test_trials_that_end_together_start_the_tail_once_the_last_trial_is_under_way(slot_at_start):
+    """Two trials of equal length end together and the last trial takes one of their slots: no trial
+    ends after it started but its own, so the tail begins at Tune's next loop step once it holds its
+    slot (from its start when trained in its trial's process; through Ray Train, once it has reported,
+    its worker group having claimed the slot), not at its end, and only once."""
+    from ray.tune.experiment import Trial
+
+    from pipeline.tail import TailStart
+
+    class Recorder:
+        calls = 0
+
+        def update(self):
+            Recorder.calls += 1
+            return []
+
+    trials = [Trial("t", stub=True) for _ in range(3)]
+    cb = TailStart(expected_trials=3, tail=Recorder(), slot_at_start=slot_at_start)
+    for t in trials[:2]:
+        cb.on_trial_start(0, trials[:2], t)
+        t.status = "RUNNING"
+    for t in trials[:2]:  # both end before the last trial starts
+        t.status = "TERMINATED"
+        cb.on_trial_complete(0, trials, t)
+    cb.on_trial_start(0, trials, trials[2])
+    assert Recorder.calls == 0  # never at the last trial's start
+    trials[2].status = "RUNNING"
+    cb.on_step_end(1, trials)
+    if not slot_at_start:
+        assert Recorder.calls == 0  # its worker group may not hold its slot yet
+        trials[2].update_last_result({"training_iteration": 1, "step": 3})
+        cb.on_step_end(2, trials)
+    cb.on_step_end(3, trials)
+    assert Recorder.calls == 1
+
+
+def test_a_pending_placement_group_holds_the_tail_back_until_it_is_placed(tmp_path):
     """While a placement group waits for resources (a trial's worker group claiming its slot) the
-    tail starts nothing; a real 1-CPU Ray instance with a 2-CPU group that cannot be placed."""
+    tail starts nothing; once none is pending, Tune's next loop step starts what the trial end had
+    to hold back, once. A real 1-CPU Ray instance with a 2-CPU group that cannot be placed; real (stub)
+    Tune trials through the callback."""
     import ray
+    from ray.tune.experiment import Trial
     from ray.util import placement_group, remove_placement_group
 
-    from pipeline.tail import pending_placement_groups
+    from pipeline.tail import TailStart, pending_placement_groups
 
+    class Recorder:
+        calls = 0
+
+        def update(self):
+            Recorder.calls += 1
+            return []
+
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         ready = placement_group([{"CPU": 1}])
@@ -174,7 +186,19 @@ def test_a_pending_placement_group_holds_the_tail_back(tmp_path):
         pending = placement_group([{"CPU": 2}])
         assert not pending.wait(timeout_seconds=1)
         assert pending_placement_groups()
+
+        trials = [Trial("t", stub=True) for _ in range(2)]
+        cb = TailStart(expected_trials=2, tail=Recorder(), slot_at_start=True)
+        for t in trials:
+            cb.on_trial_start(0, trials, t)
+            t.status = "RUNNING"
+        cb.on_trial_complete(0, trials, trials[0])  # the sweep is in its tail, but a group is pending
+        cb.on_step_end(1, trials)
+        assert Recorder.calls == 0
         remove_placement_group(pending)
         assert not pending_placement_groups()
+        cb.on_step_end(2, trials)  # no longer pending: the held-back update happens now ...
+        cb.on_step_end(3, trials)  # ... and only once
+        assert Recorder.calls == 1
     finally:
         ray.shutdown()
