@@ -27,8 +27,37 @@ from typing import Callable, Optional
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel hands out for bind(0) and outgoing connections (Linux; the usual default elsewhere)."""
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+# Ray's own defaults below this: its client server (10001) and its workers' ports (10002-19999)
+RAY_RESERVED_BELOW = 20_000
+
+
+def free_port(attempts: int = 200) -> int:
+    """A free loopback port for a server started later: outside the kernel's ephemeral range, so no
+    outgoing connection or bind(0) of any process can be given it between now and then (a port from
+    bind(0) is one the kernel may hand to the next process that asks), and above the ports Ray
+    reserves for its workers."""
+    import random
+
+    low, _ = ephemeral_ports()
+    rng = random.SystemRandom()
+    for _ in range(attempts if low > RAY_RESERVED_BELOW + 1000 else 0):
+        port = rng.randrange(RAY_RESERVED_BELOW, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    with socket.socket() as s:  # the range below is full: fall back to the kernel's pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
