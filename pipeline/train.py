@@ -379,10 +379,12 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
 
 
 # ----------------------------------------------------------------------------------- driver side
-def ensure_ray(quiet: bool = False, worker_env: Optional[dict[str, str]] = None) -> None:
+def ensure_ray(quiet: bool = False, worker_env: Optional[dict[str, str]] = None,
+               resources: Optional[dict[str, float]] = None) -> None:
     """Connect to RAY_ADDRESS if set, else start a local single-node Ray (dashboard bound to
     127.0.0.1). The dashboard stays on: Ray Train's placement-group cleaner queries the state
-    API it serves. ``worker_env``: extra environment variables for every worker process."""
+    API it serves. ``worker_env``: extra environment variables for every worker process;
+    ``resources``: what a local Ray declares (``num_cpus``, ``num_gpus``), default the machine's."""
     import ray
 
     if ray.is_initialized():
@@ -396,10 +398,11 @@ def ensure_ray(quiet: bool = False, worker_env: Optional[dict[str, str]] = None)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=not quiet, runtime_env={"env_vars": env})
         return
-    _start_local_ray(env, quiet)
+    _start_local_ray(env, quiet, resources=resources)
 
 
-def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3) -> None:
+def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3,
+                     resources: Optional[dict[str, float]] = None) -> None:
     """Start a single-node Ray on 127.0.0.1 whose workers know its address (RAY_ADDRESS).
 
     Ray's state API, which Ray Train's placement-group cleaner calls from inside the cluster,
@@ -416,7 +419,7 @@ def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3) -> Non
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node ray.init starts
         try:
             ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                     log_to_driver=not quiet,
+                     log_to_driver=not quiet, **(resources or {}),
                      runtime_env={"env_vars": {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}})
             return
         except Exception:
