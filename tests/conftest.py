@@ -108,6 +108,19 @@ def tiny_model_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module's in-process sweeps, runs and eval workers, started as the pipeline
+    starts it (``ensure_ray``): a Ray start costs seconds of wall time and more of CPU (its dashboard
+    processes), so the module's tests share one instead of each starting and stopping their own."""
+    from pipeline.train import ensure_ray
+
+    ensure_ray(quiet=True)
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _ray_shut_down_after_module():
     """Tests that start Ray in-process (eval workers) leave no cluster behind for the next module."""
