@@ -125,13 +125,18 @@ def test_eval_harness_generates_and_scores_gsm8k_with_its_standard_error(tiny_mo
 
 
 @pytest.mark.slow
-def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_path, tiny_model_dir):
+def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_path, tiny_model_dir, local_ray,
+                                                                           capsys):
     """sweeps/single_task.yaml as shipped, made small: two methods trained on GSM8K alone with 2
-    seeds each through Ray Tune + Train, ranked on the seed-mean held-out answer NLL (lower is
-    better) with its standard error, then generated and scored by the eval stage on rlora_gsm8k."""
+    seeds each (in their trials' processes, in this process's sweep on the module's local Ray),
+    ranked on the seed-mean held-out answer NLL (lower is better) with its standard error, then
+    generated and scored by the eval stage on rlora_gsm8k."""
     import math
 
-    from test_sweep import ROOT, cli, mlflow_runs
+    from test_sweep import ROOT, mlflow_runs
+
+    from pipeline.config import load_sweep_config
+    from pipeline.sweep import run_sweep
 
     over = {"base.model": str(tiny_model_dir), "base.data.train_per_task": 16, "base.data.eval_per_task": 4,
             "base.data.max_length": 96, "base.train.steps": 3, "base.train.batch_size": 2, "base.train.eval_every": 3,
@@ -139,10 +144,12 @@ def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_p
             "base.mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "base.mlflow.experiment": "sweeps",
             "base.output_dir": str(tmp_path / "out"), "search.adapter.grid": "[{method: rlora}, {method: full}]",
             "tune.max_concurrent_trials": 2, "eval.top_k": 2, "eval.include_base": "false", "eval.limit": 2,
-            "eval.tasks": "[gsm8k]", "eval.gen_kwargs": "max_gen_toks=4", "eval.registry_name": "t-single"}
-    proc = cli([str(ROOT / "sweeps" / "single_task.yaml"), *[x for k, v in over.items() for x in ("--set", f"{k}={v}")]])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval/gsm8k/answer_nll_stderr; there is no paired test" in proc.stdout
+            "eval.tasks": "[gsm8k]", "eval.gen_kwargs": "max_gen_toks=4", "eval.registry_name": "t-single",
+            "tune.train_in_trial": "true"}
+    path = str(ROOT / "sweeps" / "single_task.yaml")
+    capsys.readouterr()
+    out = run_sweep(load_sweep_config(path, [f"{k}={v}" for k, v in over.items()]), path)
+    assert "eval/gsm8k/answer_nll_stderr; there is no paired test" in capsys.readouterr().out
     client, parents, children = mlflow_runs(tmp_path)
     trials = [c for c in children if c.data.tags.get("rlora.trial_id") and "/" not in c.data.tags["rlora.trial_id"]]
     assert {c.data.tags["rlora.method"] for c in trials} == {"rlora", "full"}
@@ -159,5 +166,5 @@ def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_p
     assert parent.data.tags["best_trial"] == best.data.tags["rlora.trial_id"]
     se = best.data.metrics["eval/gsm8k/answer_nll_stderr"]
     assert parent.data.metrics["sweep/best_eval_gsm8k_answer_nll_stderr"] == pytest.approx(se)
-    assert f"best eval/gsm8k/answer_nll = {best.data.metrics['eval/gsm8k/answer_nll']:.4f} ± {se:.4f}" in proc.stdout
+    assert out["best"]["eval/gsm8k/answer_nll"] == pytest.approx(best.data.metrics["eval/gsm8k/answer_nll"])
     assert len(client.search_model_versions("name = 't-single'")) == 2

@@ -95,8 +95,8 @@ def test_parallel_ray_workers_match_in_process_results(tiny_model_dir, adapters,
 
 @pytest.mark.slow
 def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_model_dir, adapters):
-    """What the sweep's tail does on Ctrl-C (eval.tail.TailEval.cancel): evaluate_jobs returns at
-    once with the jobs not finished marked cancelled, and none of its actors is left alive."""
+    """What the sweep's tail does on Ctrl-C (eval.tail.TailEval.cancel): with the stop event set,
+    evaluate_jobs scores nothing (every job marked cancelled) and none of its actors is left alive."""
     import threading
     import time
 
@@ -107,10 +107,9 @@ def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_mode
     jobs = [EvalJob("base"), *(EvalJob(f"a{i}", adapters[i % 2]) for i in range(4))]
     from pipeline.train import ensure_ray
 
-    ensure_ray()  # started before the clock
-    t0 = time.time()
+    ensure_ray()
     results = evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False, stop=stop)
-    assert [r["error"] for r in results] == ["cancelled"] * 5 and time.time() - t0 < 30
+    assert [r["error"] for r in results] == ["cancelled"] * 5
     deadline = time.time() + 30
     import ray
 
@@ -125,7 +124,8 @@ def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_mode
 def test_an_actor_with_no_job_left_frees_its_slot_while_the_others_still_run(tiny_model_dir, adapters):
     """2 short jobs and a long one on 2 actors: once the queue is empty an actor that finished is
     killed at once, so its slot is free for another pool (the stage beside its tail) while the long
-    job still runs. Kept alive to the end (the old behaviour), no Evaluator dies before the call returns."""
+    job still runs: one snapshot of Ray's state API shows one of the call's actors dead and another
+    still alive. (Kept alive to the end, no Evaluator would die before the call returns.)"""
     import threading
     import time
 
@@ -143,19 +143,18 @@ def test_an_actor_with_no_job_left_frees_its_slot_while_the_others_still_run(tin
     jobs = [EvalJob("base"), EvalJob("a0", adapters[0]), EvalJob("a1", adapters[1], settings=long)]
     out: dict = {}
     run = threading.Thread(target=lambda: out.update(
-        results=evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False),
-        end=time.time()))
+        results=evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False)))
     run.start()
-    first_dead = None  # when one of this call's actors was first seen dead
-    while run.is_alive():
+    dead_beside_alive = False  # one of this call's actors seen dead while another still runs
+    while run.is_alive() and not dead_beside_alive:
         mine = [a for a in list_actors(address=gcs, filters=[("class_name", "=", "Evaluator")], limit=1000)
                 if a.actor_id not in before]
-        if first_dead is None and any(a.state == "DEAD" for a in mine):
-            first_dead = time.time()
+        states = {a.state for a in mine}
+        dead_beside_alive = "DEAD" in states and "ALIVE" in states
         time.sleep(0.2)
     run.join()
     assert [r["error"] for r in out["results"]] == [None] * 3
-    assert first_dead is not None and out["end"] - first_dead > 2.0, (first_dead, out["end"])
+    assert dead_beside_alive
 
 
 def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
@@ -243,15 +242,14 @@ def test_metric_names(task, metric):
     (["--adapter", "none", "--tasks", "mmlu,hellaswag"], "--tasks: 'hellaswag' has no offline version"),
     (["--sweep", "0" * 32], "--sweep: " + "0" * 32 + " is not a sweep parent run"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg):
-    import subprocess
-    import sys
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, args, msg, capsys, monkeypatch):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "eval.run", *args, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and msg in lines[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    from eval.run import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    capsys.readouterr()
+    assert main([*args, "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err  # (MLflow's own INFO lines when it creates the store come first)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and msg in lines[0] and "Traceback" not in err, err

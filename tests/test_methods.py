@@ -1,8 +1,6 @@
 """PEFT's own methods as run adapters (adapter.method): built from the typed schema, trained a few
 steps on the tiny model, saved, reloaded strictly on a fresh base, scored by the eval harness."""
 
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -383,19 +381,21 @@ def test_virtual_tokens_are_not_scored(method, trained, tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tiny_model_dir):
-    """pipeline.train with a PEFT method, for real (2 DDP workers, MLflow): AdaLoRA's schedule follows
-    train.steps, its ranks are allocated inside the loop, and the logged adapter reloads strictly."""
-    from test_train import only_run, run_cli, write_yaml
+def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tiny_model_dir, local_ray):
+    """pipeline.train with a PEFT method, for real (2 DDP workers on the module's local Ray, MLflow):
+    AdaLoRA's schedule follows train.steps, its ranks are allocated inside the loop, and the logged
+    adapter reloads strictly."""
+    from test_train import only_run, write_yaml
 
     from pipeline import adapters
+    from pipeline.config import load_run_config
     from pipeline.models import load_model
+    from pipeline.train import run_training
 
     cfg = write_yaml(tmp_path, tiny_model_dir, adapter={
         "method": "adalora", "target_modules": ["q_proj", "v_proj"],
         "adalora": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1}})
-    proc = run_cli([str(cfg)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_training(load_run_config(cfg, []), str(cfg), quiet=True)
     client, run, _ = only_run(tmp_path)
     p, tags = run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and tags["rlora.method"] == "adalora" and run.info.run_name == "adalora-r6"
@@ -455,10 +455,11 @@ def test_whole_adapter_sections_are_one_search_dimension(tmp_path, tiny_model_di
 
 
 @pytest.mark.slow
-def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
-    """adapter.method as the search dimension: each trial trains its method through Ray Tune + Train,
-    its section's fields apply to it alone, and the eval stage scores and registers every adapter."""
-    from test_sweep import cli, mlflow_runs, sweep_yaml
+def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir, local_ray):
+    """adapter.method as the search dimension: each trial trains its method in its trial's process
+    (in this process's sweep, on the module's local Ray), its section's fields apply to it alone, and
+    the eval stage scores and registers every adapter; the baselines report reads the sweep back."""
+    from test_sweep import mlflow_runs, sweep_here, sweep_yaml
 
     from pipeline import adapters
     from pipeline.models import load_model
@@ -477,8 +478,8 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
                                     "lora": {"r": 5, "lora_alpha": 10}, "ia3": {"feedforward_modules": ["down_proj"]},
                                     "prompt_tuning": {"num_virtual_tokens": 4}, "prefix_tuning": {"num_virtual_tokens": 4}})
     path.write_text(__import__("yaml").safe_dump(data))
-    proc = cli([str(path)])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = sweep_here(path)
+    assert out["summary"]["done"] == 7 and len(out["eval"]["rows"]) == 7
     client, parents, children = mlflow_runs(tmp_path)
     by_method = {c.data.tags["rlora.method"]: c for c in children}
     assert set(by_method) == {"rlora", "lora", "ia3", "lora_moe", "prompt_tuning", "prefix_tuning", "full"} and all(c.info.status == "FINISHED" for c in children)
@@ -517,9 +518,9 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir):
     # held-out score, % params, A/B and median training throughput, each compared with R-LoRA
     import statistics
 
-    rep = subprocess.run([sys.executable, "-m", "eval.reproduce", str(path), "--table", "baselines", "--from-sweep",
-                          parent, "--out", str(tmp_path / "rep")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rep.returncode == 0, rep.stderr[-3000:]
+    from eval.reproduce import main as reproduce
+
+    assert reproduce([str(path), "--table", "baselines", "--from-sweep", parent, "--out", str(tmp_path / "rep")]) == 0
     report = pd.read_csv(tmp_path / "rep" / "baselines.csv", dtype=str).set_index("adapter")
     assert "reproduce/baselines.csv" in {a.path for a in client.list_artifacts(parent, "reproduce")}
     reference = by_method["rlora"].data.tags["rlora.adapter"]
