@@ -156,20 +156,33 @@ class LoopbackCluster:
         return self._probe("from ray.job_submission import JobSubmissionClient; "
                            "JobSubmissionClient(%r).list_jobs()" % self.dashboard).returncode == 0
 
-    def stop(self, cleanup: bool = True) -> list[int]:
-        """Stop every process of this cluster; the PIDs still running afterwards (should be none)."""
+    def stop(self, cleanup: bool = True, grace_s: float = 5.0) -> list[int]:
+        """Stop every process of this cluster; the PIDs still running afterwards (should be none).
+
+        SIGTERM to every node's process group, then SIGKILL to what is left after ``grace_s``: a node
+        whose peer is already gone (its head, or the last worker node) otherwise waits about 30 s
+        for it before exiting."""
         for p in self.procs[::-1]:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.time() + grace_s
         for p in self.procs[::-1]:
             try:
-                p.wait(60)
+                p.wait(max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs[::-1]:
+            if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(30)
+        for pid in self.leftovers():  # a process of the cluster outside its node's group
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         deadline = time.time() + 30
         while time.time() < deadline and self.leftovers():
-            time.sleep(1)
+            time.sleep(0.2)
         left = self.leftovers()
         if cleanup and not left:
             shutil.rmtree(self.base, ignore_errors=True)
