@@ -235,7 +235,11 @@ def smoke(tmp_path_factory, tiny_model_dir):
     third trial starts when the first ends, and from then on the base model and every finished trial
     can be scored on the slot a trial freed."""
     tmp = tmp_path_factory.mktemp("smoke")
-    path = sweep_yaml(tmp, tiny_model_dir, eval_=SMOKE_EVAL,
+    # learning rates far apart, so the trials answer some held-out examples differently: a paired
+    # difference of zero everywhere would pass any check of its sign or its pairing
+    search = {"adapter.num_heads": {"choice": [2, 3]}, "adapter.gamma": {"loguniform": [16, 128]},
+              "train.lr": {"loguniform": [1e-3, 5e-2]}}
+    path = sweep_yaml(tmp, tiny_model_dir, eval_=SMOKE_EVAL, search=search,
                       tune={"scheduler": "asha", "grace_period": 6, "num_samples": 3, "max_concurrent_trials": 2,
                             "train_in_trial": True})
     proc = cli([str(path)])
