@@ -87,6 +87,17 @@ def test_the_base_model_starts_in_the_tail_only_where_a_trial_has_long_enough_le
     assert old.took and old.base is None
 
 
+class CountingTail:
+    """Stands in for the eval stage's tail: counts how often the callback asks it to start."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def update(self):
+        self.calls += 1
+        return []
+
+
 def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_that_start():
     """At the last trial's start its Train worker group has yet to claim its slot: an eval actor
     started then could take it (make sweep once timed out the worker group ten times). Real Tune
@@ -95,26 +106,20 @@ def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_th
 
     from pipeline.tail import TailStart
 
-    class Recorder:
-        calls = 0
-
-        def update(self):
-            Recorder.calls += 1
-            return []
-
     trials = [Trial("t", stub=True) for _ in range(3)]
-    cb = TailStart(expected_trials=3, tail=Recorder())
+    tail = CountingTail()
+    cb = TailStart(expected_trials=3, tail=tail)
     trials[0].status = trials[1].status = "RUNNING"
     cb.on_trial_start(0, trials[:2], trials[1])  # 2 of 3 trials exist: the sweep is not in its tail
     cb.on_trial_start(0, trials, trials[1])  # all 3 exist, the third waits for a slot: not either
     cb.on_trial_complete(0, trials, trials[0])  # a trial ends while the third still waits (PENDING)
-    assert Recorder.calls == 0
+    assert tail.calls == 0
     cb.on_trial_start(0, trials, trials[2])  # the last trial starts: still nothing
-    assert Recorder.calls == 0
+    assert tail.calls == 0
     trials[2].status = "RUNNING"
     cb.on_trial_complete(0, trials, trials[1])
     cb.on_trial_error(0, trials, trials[2])
-    assert Recorder.calls == 2
+    assert tail.calls == 2
     import pickle
 
     assert pickle.loads(pickle.dumps(cb)).tail is None  # Tune stores callbacks: the tail stays out
@@ -130,15 +135,9 @@ def test_trials_that_end_together_start_the_tail_once_the_last_trial_is_under_wa
 
     from pipeline.tail import TailStart
 
-    class Recorder:
-        calls = 0
-
-        def update(self):
-            Recorder.calls += 1
-            return []
-
     trials = [Trial("t", stub=True) for _ in range(3)]
-    cb = TailStart(expected_trials=3, tail=Recorder(), slot_at_start=slot_at_start)
+    tail = CountingTail()
+    cb = TailStart(expected_trials=3, tail=tail, slot_at_start=slot_at_start)
     for t in trials[:2]:
         cb.on_trial_start(0, trials[:2], t)
         t.status = "RUNNING"
@@ -146,15 +145,15 @@ def test_trials_that_end_together_start_the_tail_once_the_last_trial_is_under_wa
         t.status = "TERMINATED"
         cb.on_trial_complete(0, trials, t)
     cb.on_trial_start(0, trials, trials[2])
-    assert Recorder.calls == 0  # never at the last trial's start
+    assert tail.calls == 0  # never at the last trial's start
     trials[2].status = "RUNNING"
     cb.on_step_end(1, trials)
     if not slot_at_start:
-        assert Recorder.calls == 0  # its worker group may not hold its slot yet
+        assert tail.calls == 0  # its worker group may not hold its slot yet
         trials[2].update_last_result({"training_iteration": 1, "step": 3})
         cb.on_step_end(2, trials)
     cb.on_step_end(3, trials)
-    assert Recorder.calls == 1
+    assert tail.calls == 1
 
 
 def test_a_pending_placement_group_holds_the_tail_back_until_it_is_placed(tmp_path):
@@ -167,13 +166,6 @@ def test_a_pending_placement_group_holds_the_tail_back_until_it_is_placed(tmp_pa
     from ray.util import placement_group, remove_placement_group
 
     from pipeline.tail import TailStart, pending_placement_groups
-
-    class Recorder:
-        calls = 0
-
-        def update(self):
-            Recorder.calls += 1
-            return []
 
     if ray.is_initialized():
         ray.shutdown()
@@ -188,17 +180,18 @@ def test_a_pending_placement_group_holds_the_tail_back_until_it_is_placed(tmp_pa
         assert pending_placement_groups()
 
         trials = [Trial("t", stub=True) for _ in range(2)]
-        cb = TailStart(expected_trials=2, tail=Recorder(), slot_at_start=True)
+        tail = CountingTail()
+        cb = TailStart(expected_trials=2, tail=tail, slot_at_start=True)
         for t in trials:
             cb.on_trial_start(0, trials, t)
             t.status = "RUNNING"
         cb.on_trial_complete(0, trials, trials[0])  # the sweep is in its tail, but a group is pending
         cb.on_step_end(1, trials)
-        assert Recorder.calls == 0
+        assert tail.calls == 0
         remove_placement_group(pending)
         assert not pending_placement_groups()
         cb.on_step_end(2, trials)  # no longer pending: the held-back update happens now ...
         cb.on_step_end(3, trials)  # ... and only once
-        assert Recorder.calls == 1
+        assert tail.calls == 1
     finally:
         ray.shutdown()

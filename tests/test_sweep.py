@@ -711,8 +711,8 @@ def kill_sweep_when(cfg, ready, ray_address, poll_s=0.1, timeout_s=600):
     on a cluster's head node is), call ``ready()`` every ``poll_s`` until it returns something, then
     SIGKILL the driver and everything under it at once, as a crash of the driver's machine would;
     returns what ready() said once every actor of the dead driver's job (its trials, their Train
-    workers) has exited: Ray kills them when their owner dies, and until then one could still
-    register another checkpoint."""
+    controllers and workers; not the detached ones, which outlive their job by design) has exited:
+    Ray kills them when their owner dies, and until then one could still register another checkpoint."""
     import ray
     from ray.util.state import list_actors
 
@@ -741,7 +741,7 @@ def kill_sweep_when(cfg, ready, ray_address, poll_s=0.1, timeout_s=600):
         proc.wait(30)
         while time.time() < deadline:  # the dead driver's actors: gone, and their processes with them
             theirs = [a for a in list_actors(address=ray_address, filters=[("state", "!=", "DEAD")], detail=True)
-                      if a.job_id != mine]
+                      if a.job_id != mine and not a.is_detached]  # (Ray Train's autoscaling coordinator is detached)
             pids = [a.pid for a in theirs if a.pid and psutil.pid_exists(a.pid)]
             if not theirs and not pids:
                 return found
