@@ -289,7 +289,11 @@ def hold_the_default_agent_port():
         if probe.connect_ex(("127.0.0.1", 52365)) == 0:
             return None
     holder = socket.socket()
-    holder.bind(("127.0.0.1", 52365))
+    try:
+        holder.bind(("127.0.0.1", 52365))
+    except OSError:  # taken since the probe: by someone else, which is all this needs
+        holder.close()
+        return None
     holder.listen()
     return holder
 
@@ -387,7 +391,11 @@ def test_two_node_cluster_spread_training_resumed_exactly_and_a_submitted_sweep(
         assert any(r.data.tags.get("rlora.eval_role") == "base" for r in runs)  # the eval stage ran too
         assert "heldout/sst2" in trials[0].data.metrics and client.list_artifacts(trials[0].info.run_id, "adapter")
 
-        # 4. a wrong token is refused with one line, not bypassed
+        # 4. the token file decides: this process's own Ray token is not the cluster's, yet the cluster's
+        # token given as the file is accepted; a wrong one is refused with one line, not bypassed
+        from pipeline.submit import make_client
+
+        make_client(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN_PATH"])
         bad = tmp_path / "bad-token"
         bad.write_text("not-the-token")
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
