@@ -10,6 +10,15 @@ differences give the analytic paired standard error; a paired bootstrap (example
 each task, 10,000 draws) gives the 95 % interval; for 0/1 outcomes McNemar's exact test gives a
 p-value from the discordant pairs. A difference is "resolved" when its 95 % interval excludes 0.
 
+When one model is compared with several (the best trial with every other, every trial with the base
+model), the m intervals of that family are *simultaneous* (:func:`compare_family`): the examples
+are resampled jointly for all m differences, and each interval is Δ_j ± c·se_j with c the 95 %
+quantile of max_j |Δ*_j − Δ_j| / se_j over the draws (the max-t bootstrap). With 95 % probability
+every interval of the family covers its true difference, so a "resolved" label is wrong for at
+most 5 % of families, not 5 % of comparisons; c grows with m (about 2.4 for m = 5 independent
+comparisons, less where they are correlated). For normal-theory intervals (the reproduction and
+baselines reports, which combine seeds and examples) :func:`family_crit` gives Bonferroni's c.
+
 Per-example tables (one row per scored example) have the columns of ``EXAMPLE_COLUMNS`` and are
 stored as parquet artifacts (``examples/*.parquet``) on the MLflow run that produced them.
 """
@@ -104,19 +113,32 @@ class Comparison:
     n_tasks: int
     p_mcnemar: Optional[float]  # exact two-sided McNemar test (0/1 outcomes only)
     value: str = "correct"
+    m: int = 1  # comparisons in the family the interval is simultaneous over (compare_family)
+    p_adjusted: Optional[float] = None  # max-t adjusted p-value of the family (None: m = 1)
 
     @property
     def resolved(self) -> bool:
-        return self.n > 0 and (self.lo > 0 or self.hi < 0)
+        """The interval excludes 0; where every paired difference is the same (se 0, a degenerate
+        interval), only if McNemar's exact test also rejects (one example is never evidence)."""
+        excluded = self.n > 1 and (self.lo > 0 or self.hi < 0)
+        if excluded and not self.se > 0 and self.p_mcnemar is not None:
+            return self.p_mcnemar < 0.05 / max(1, self.m)
+        return excluded
 
     def fmt(self, scale: float = 100.0) -> str:
         return f"{scale * self.delta:+.1f} ± {scale * Z95 * self.se:.1f}"
 
+    @property
+    def interval_name(self) -> str:
+        return "95 % CI" if self.m <= 1 else f"simultaneous 95 % CI over {self.m} comparisons"
+
     def sentence(self, a: str, b: str, scale: float = 100.0, unit: str = "points") -> str:
         d = 1 if unit == "points" else 3  # accuracy points vs nats
-        span = f"Δ = {scale * self.delta:+.{d}f} {unit}, 95 % CI [{scale * self.lo:+.{d}f}, {scale * self.hi:+.{d}f}], " \
-               f"{self.n} paired examples"
-        if self.p_mcnemar is not None:
+        span = f"Δ = {scale * self.delta:+.{d}f} {unit}, {self.interval_name} [{scale * self.lo:+.{d}f}, " \
+               f"{scale * self.hi:+.{d}f}], {self.n} paired examples"
+        if self.p_adjusted is not None:
+            span += f", adjusted p = {self.p_adjusted:.2g}"
+        elif self.p_mcnemar is not None:
             span += f", McNemar p = {self.p_mcnemar:.2g}"
         if not self.resolved:
             return f"{a} is not distinguishable from {b} ({span})"
@@ -124,6 +146,11 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "resolved": self.resolved}
+
+    def flipped(self) -> "Comparison":
+        """b − a instead of a − b (McNemar's test is symmetric)."""
+        return Comparison(0.0 - self.delta, self.se, 0.0 - self.hi, 0.0 - self.lo, self.n, self.n_tasks, self.p_mcnemar,
+                          self.value, self.m, self.p_adjusted)
 
 
 def _paired(a, b, value: str):
@@ -173,6 +200,105 @@ def paired_compare(a, b, value: str = "correct", n_boot: int = 10_000, seed: int
         av, bv = m["correct_a"].to_numpy(), m["correct_b"].to_numpy()
         p = mcnemar_p(int(((av > 0.5) & (bv < 0.5)).sum()), int(((av < 0.5) & (bv > 0.5)).sum()))
     return Comparison(delta, se, lo, hi, len(m), len(groups), p, value)
+
+
+def _family_groups(ref, others: dict, value: str, by_task: bool):
+    """Per task (or pooled), the (n_examples, m) matrix of differences other_j − ref on the
+    examples every table of the family scored."""
+    import pandas as pd
+
+    key = ["task", "example_id"]
+    tables = {"ref": ref, **others}
+    for name, t in tables.items():
+        if t.duplicated(key).any():
+            raise ValueError(f"run {name}: duplicate (task, example_id) rows")
+    m = ref[key + [value]].rename(columns={value: "ref"})
+    for j, t in enumerate(others.values()):
+        m = pd.merge(m, t[key + [value]].rename(columns={value: f"o{j}"}), on=key)
+    m = m.dropna()
+    diff = np.stack([m[f"o{j}"].to_numpy(np.float64) - m["ref"].to_numpy(np.float64)
+                     for j in range(len(others))], axis=1) if len(m) else np.zeros((0, len(others)))
+    if not by_task:
+        return [diff], len(m)
+    return [diff[idx] for idx in m.groupby("task", sort=True).indices.values()], len(m)
+
+
+def compare_family(ref, others: dict, value: str = "correct", n_boot: int = 10_000, seed: int = 0,
+                   by_task: bool = True, level: float = 0.95) -> dict:
+    """``other − ref`` for every table in ``others`` (name -> per-example table), with intervals that
+    hold simultaneously over the family (max-t bootstrap, module docstring) on the examples all of
+    them scored. Returns name -> :class:`Comparison` (``m`` = len(others), ``p_adjusted``: the
+    share of draws whose max-t reaches this comparison's |Δ/se|). A family of one is the ordinary
+    paired comparison (:func:`paired_compare`)."""
+    names = list(others)
+    if len(names) == 1:
+        return {names[0]: paired_compare(others[names[0]], ref, value, n_boot, seed, by_task)}
+    nan = Comparison(math.nan, math.nan, math.nan, math.nan, 0, 0, None, value, len(names))
+    if not names:
+        return {}
+    groups, n = _family_groups(ref, others, value, by_task)
+    groups = [g for g in groups if len(g)]
+    if n == 0 or not groups:
+        return {k: nan for k in names}
+    T = len(groups)
+    delta = np.mean([g.mean(axis=0) for g in groups], axis=0)
+    var = sum((g.var(axis=0, ddof=1) / len(g)) if len(g) > 1 else np.zeros(len(names)) for g in groups)
+    se = np.sqrt(var) / T
+    rng = np.random.default_rng(seed)
+    boot = np.zeros((n_boot, len(names)))
+    for g in groups:  # the same resampled examples for every comparison: their correlation is kept
+        idx = rng.integers(0, len(g), size=(n_boot, len(g)))
+        boot += g[idx].mean(axis=1)
+    boot /= T
+    safe = np.where(se > 0, se, np.inf)  # an identical pair (se 0) never sets the family's maximum
+    t_max = np.max(np.abs(boot - delta) / safe, axis=1)
+    crit = float(np.quantile(t_max, level))
+    t_obs = np.abs(delta) / safe
+    out = {}
+    for j, name in enumerate(names):
+        lo, hi = float(delta[j] - crit * se[j]), float(delta[j] + crit * se[j])
+        p_adj = float((t_max >= t_obs[j]).mean()) if se[j] > 0 else 1.0
+        p = None
+        if value == "correct":
+            d = np.concatenate([g[:, j] for g in groups])
+            p = mcnemar_p(int((d > 0.5).sum()), int((d < -0.5).sum()))
+        out[name] = Comparison(float(delta[j]), float(se[j]), lo, hi, n, T, p, value, len(names), p_adj)
+    return out
+
+
+def family_crit(m: int, level: float = 0.95) -> float:
+    """Bonferroni's critical value for m two-sided normal intervals that hold together: z at
+    1 − (1 − level) / (2m) (1.96 for m = 1, 2.58 for m = 5)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - (1 - level) / (2 * max(1, m))))
+
+
+def power(delta: float, se: float, crit: float = Z95) -> float:
+    """Probability that an interval Δ̂ ± crit·se excludes 0 when the true difference is ``delta``
+    (Δ̂ ~ N(delta, se²))."""
+    from scipy.stats import norm
+
+    if not se > 0:
+        return math.nan
+    z = abs(delta) / se
+    return float(norm.cdf(z - crit) + norm.cdf(-z - crit))
+
+
+def detectable(se: float, crit: float = Z95, target: float = 0.8) -> float:
+    """The smallest true difference found resolved with probability ``target`` (about (crit + 0.84)·se)."""
+    from scipy.stats import norm
+
+    return (crit + float(norm.ppf(target))) * se
+
+
+def paired_se(n_per_task: int, n_tasks: int, discordant: float) -> float:
+    """Standard error of a paired macro-mean accuracy difference with ``n_per_task`` examples in
+    each task when a share ``discordant`` of examples is right for one model and wrong for the
+    other (about 0.07 between two of the main sweep's trials, 0.2 between a trial and the base)."""
+    if n_per_task < 2 or n_tasks < 1:
+        return math.nan
+    return math.sqrt(discordant / (n_per_task - 1)) / math.sqrt(n_tasks)
 
 
 # ---------------------------------------------------------------------------------- seeds

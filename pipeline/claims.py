@@ -1,0 +1,78 @@
+"""The claims a sweep makes about its trials, from data that did not choose them.
+
+The sweep ranks its trials on the *selection* split (the held-out examples every trial scores during
+training: Optuna, ASHA and the top-k see only those). The maximum of several noisy scores is biased
+upwards (the winner's curse), so a difference computed on the same examples that picked the best
+overstates it. Every claim is therefore made on the *confirmation* split: held-out examples of the
+same tasks, disjoint from the selection split and from training data
+(``pipeline.batching.confirmation_examples``), scored once at the end of each finished trial and for
+the base model. The trial called "best" is still the one the selection split chose; the
+confirmation split only measures it.
+
+Two families of comparisons, each with simultaneous intervals (``pipeline.stats.compare_family``):
+every other confirmed trial against the best (m = k − 1) and every confirmed trial against the base
+model (m = k). "Resolved" means the family's interval excludes 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pipeline.stats import Comparison, compare_family, paired_compare
+
+SELECTION, CONFIRMATION = "selection", "confirmation"
+
+
+@dataclass
+class Claims:
+    order: list[str]  # the trials compared, best first by the selection split
+    split: str  # which split the comparisons use
+    vs_best: dict[str, Comparison] = field(default_factory=dict)  # trial − best, for every trial but the best
+    vs_base: dict[str, Comparison] = field(default_factory=dict)  # trial − base model
+
+    @property
+    def best(self) -> Optional[str]:
+        return self.order[0] if self.order else None
+
+    def best_vs_runner_up(self) -> Optional[Comparison]:
+        return self.vs_best[self.order[1]].flipped() if len(self.order) > 1 and self.order[1] in self.vs_best else None
+
+    def resolved(self) -> list[str]:
+        """Every comparison called resolved, as ``a>b`` / ``a<b`` (trial ids, ``base``)."""
+        out = [f"{k}{'>' if c.delta > 0 else '<'}{self.best}" for k, c in self.vs_best.items() if c.resolved]
+        return out + [f"{k}{'>' if c.delta > 0 else '<'}base" for k, c in self.vs_base.items() if c.resolved]
+
+    def sentences(self, scale: float = 100.0, unit: str = "points") -> tuple[Optional[str], Optional[str]]:
+        """(the best vs the runner-up, the best vs the base model), each naming the split it is measured on."""
+        on = f"on the {self.split} split"
+        second = self.best_vs_runner_up()
+        verdict = second.sentence(f"the best trial ({self.best})", f"the runner-up ({self.order[1]}) {on}", scale,
+                                  unit) if second is not None else None
+        base = self.vs_base.get(self.best) if self.best else None
+        vs_base = base.sentence(f"the best trial ({self.best})", f"the base model {on}", scale, unit) \
+            if base is not None else None
+        return verdict, vs_base
+
+
+def family_claims(order: list[str], tables: dict, base=None, value: str = "correct", split: str = CONFIRMATION,
+                  simultaneous: bool = True, n_boot: int = 10_000, seed: int = 0) -> Claims:
+    """The two families of comparisons of the trials in ``order`` (best first; chosen elsewhere) on
+    their per-example ``tables`` (trial -> DataFrame; trials without one are left out) and the base
+    model's ``base``. ``simultaneous=False`` gives each comparison its own 95 % interval (how the
+    sweep reported before its claims were adjusted; kept for the simulation in ``benchmarks.claims``)."""
+    order = [k for k in order if tables.get(k) is not None]
+    out = Claims(order, split)
+    if not order:
+        return out
+    best = tables[order[0]]
+    others = {k: tables[k] for k in order[1:]}
+    trials = {k: tables[k] for k in order}
+    if simultaneous:
+        out.vs_best = compare_family(best, others, value, n_boot, seed) if others else {}
+        out.vs_base = compare_family(base, trials, value, n_boot, seed) if base is not None else {}
+    else:
+        out.vs_best = {k: paired_compare(t, best, value, n_boot, seed) for k, t in others.items()}
+        out.vs_base = {k: paired_compare(t, base, value, n_boot, seed) for k, t in trials.items()} \
+            if base is not None else {}
+    return out
