@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.data import TASKS, Example, resolve_tasks, task_splits
+from pipeline.data import TASKS, Example, content_key, resolve_tasks, task_splits
 from pipeline.scoring import encode_pair
 from pipeline.step import IGNORE
 
@@ -28,17 +28,42 @@ class Mixture:
         return out
 
 
+def _task_sample(name: str, train_per_task: int, eval_per_task: int, seed: int, root):
+    """(training sample, held-out sample, the task's held-out split) of one task."""
+    tr, ho = task_splits(name, root)
+    rng = random.Random(f"{seed}:{name}")
+    return rng.sample(tr, min(train_per_task, len(tr))), rng.sample(ho, min(eval_per_task, len(ho))), ho
+
+
 def build_mixture(tasks, train_per_task: int, eval_per_task: int, seed: int = 0, root=None) -> Mixture:
     """Per task: a seeded sample of at most ``train_per_task`` training and ``eval_per_task``
     held-out examples. Deterministic for a given seed, on every worker."""
     names = resolve_tasks(tasks)
     train, held = [], []
     for name in names:
-        tr, ho = task_splits(name, root)
-        rng = random.Random(f"{seed}:{name}")
-        train += rng.sample(tr, min(train_per_task, len(tr)))
-        held += rng.sample(ho, min(eval_per_task, len(ho)))
+        tr, ho, _ = _task_sample(name, train_per_task, eval_per_task, seed, root)
+        train += tr
+        held += ho
     return Mixture(train, held, names)
+
+
+def confirmation_examples(data) -> list[Example]:
+    """The confirmation split of a run's data section (``data.confirm_per_task`` per choice task): a
+    seeded sample of the task's held-out split without the examples the run is evaluated on
+    (``build_mixture``'s held-out sample, the sweep's selection split) and without any example
+    whose text is one of them. Training data never contains held-out text (``task_splits``), so
+    the three are disjoint. Empty when ``confirm_per_task`` is 0."""
+    out: list[Example] = []
+    if not data.confirm_per_task:
+        return out
+    for name in resolve_tasks(data.tasks):
+        if not is_choice_task(name):  # scored by answer NLL: no per-example outcome to pair
+            continue
+        _, selection, pool = _task_sample(name, data.train_per_task, data.eval_per_task, data.seed, data.data_dir)
+        taken = {content_key(e) for e in selection}
+        rest = [e for e in pool if content_key(e) not in taken]
+        out += random.Random(f"{data.seed}:{name}:confirm").sample(rest, min(data.confirm_per_task, len(rest)))
+    return out
 
 
 def encode_example(tok, ex: Example, max_length: int) -> tuple[list[int], list[int]]:

@@ -121,6 +121,10 @@ class DataSection(_Strict):
     data_dir: Optional[str] = None
     train_per_task: int = Field(2000, ge=1, description="cap on training examples per task")
     eval_per_task: int = Field(100, ge=1, description="cap on held-out examples per task")
+    confirm_per_task: Optional[int] = Field(
+        None, ge=0, description="confirmation examples per task, disjoint from the held-out ones and from training, "
+                                "scored once at the end of training (confirm/<metric>); a sweep's claims come from "
+                                "them. null: off for a training run, eval_per_task in a sweep; 0: off")
     max_length: int = Field(256, ge=16)
     seed: int = 0
 
@@ -455,6 +459,8 @@ class SweepConfig(_Strict):
                              "keeps its checkpoints on its own node)")
         if self.tune.seeds > 1 and "train.seed" in self.search:
             raise ValueError("tune.seeds: train.seed is also a search dimension; use one or the other")
+        if self.base.data.confirm_per_task is None:  # a sweep confirms its claims unless told not to
+            self.base.data.confirm_per_task = self.base.data.eval_per_task
         for key, spec in self.search.items():
             if not _field_exists(key):
                 raise ValueError(f"search.{key}: not a run config field")

@@ -85,11 +85,15 @@ BASE_COL = "Δ vs base (95% CI)"
 
 
 def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path,
-                 mode: str = "max") -> tuple[Path, Path, Path]:
-    """Trials best first; the objective as ``x ± se`` and, where per-example tables exist, the
-    paired difference to the best trial (and to the base model, when it was scored) with its 95 %
-    interval and whether it is resolved."""
+                 mode: str = "max", confirm: Optional[str] = None, note: str = "") -> tuple[Path, Path, Path]:
+    """Trials best first by the selection split's objective ``metric`` (what ranked them), each as
+    ``x ± se``; where the trials have one, their score on the confirmation split (``confirm``)
+    and the paired difference to the best trial (and to the base model, when it was scored) with
+    its interval and whether it is resolved; ``note`` (what the Δ columns measure) under the
+    markdown table."""
     cols = ["trial_id", "status", "steps", metric]
+    if confirm and any(r.get(confirm) is not None for r in rows):
+        cols.append(confirm)
     if any(r.get(DELTA_COL) for r in rows):
         cols += [DELTA_COL, "resolved"]
     if any(r.get(BASE_COL) for r in rows):
@@ -98,7 +102,10 @@ def trials_table(rows: list[dict], params: list[str], metric: str, out_dir: Path
     cols += [*params, "mlflow_run"]
     sign = -1.0 if mode == "max" else 1.0  # ties in trial-id order, as the sweep picks its best
     ordered = sorted(rows, key=lambda r: (r[metric] is None, sign * (r[metric] or 0), str(r["trial_id"])))
-    return write_table(ordered, cols, out_dir, "trials")
+    files = write_table(ordered, cols, out_dir, "trials")
+    if note:
+        files[0].write_text(files[0].read_text() + "\n" + note + "\n")
+    return files
 
 
 EVAL_SECTION = "\n\n## Eval stage\n"
@@ -110,14 +117,16 @@ def run_link(experiment_id: str, run_id: str) -> str:
 
 
 def sweep_description(name: str, metric: str, best: Optional[dict], params: list[str], sentences: list[str],
-                      trials_md: str, experiment_id: str, rows: list[dict]) -> str:
-    """The sweep's parent-run description (markdown): the best configuration with its objective ± se,
-    the paired verdicts, the trials table and links to every trial's run."""
+                      trials_md: str, experiment_id: str, rows: list[dict], confirm: Optional[str] = None) -> str:
+    """The sweep's parent-run description (markdown): the best configuration with its objective ± se
+    on the selection split (which chose it) and on the confirmation split (which measures it), the
+    paired verdicts, the trials table and links to every trial's run."""
     lines = [f"# Sweep {name}", ""]
     if best:
-        se = best.get(f"{metric}_stderr")
+        on_confirm = f"; on the confirmation split {confirm} = {_cell(best, confirm)}" \
+            if confirm and best.get(confirm) is not None else ""
         lines.append(f"**Best trial** [{best['trial_id']}]({run_link(experiment_id, best['mlflow_run'])}): "
-                     f"{metric} = {_fmt(best[metric])}{f' ± {_fmt(se)}' if se is not None else ''}; "
+                     f"{metric} = {_cell(best, metric)} on the selection split{on_confirm}; "
                      + ", ".join(f"`{p}` = {_fmt(best.get(p))}" for p in params))
     else:
         lines.append("No trial finished with an objective.")

@@ -105,7 +105,7 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     examples, that table, and seed 0's adapter (what the eval stage scores)."""
     import tempfile
 
-    from pipeline.stats import examples_file, save_examples, seed_average, seed_metrics
+    from pipeline.stats import examples_file, save_examples, score_metrics, seed_average, seed_metrics
     from pipeline.tracking import EXAMPLES_DIR, Tracker, run_examples
     from pipeline.train import error_line, run_training
 
@@ -139,9 +139,17 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
 
     model_id = adapter_model(t, f"trial-{trial_id}", cfg)
     t.log_metrics(metrics, step=steps, model_id=model_id)
+    # the confirmation split, averaged over seeds in the same way (logged only: Tune never sees it)
+    confirms = [run_examples(t.client, o["run_id"], "confirm").get("confirm") for o in outs]
+    confirmed = seed_average(confirms) if all(c is not None for c in confirms) else None
+    if confirmed is not None:
+        t.log_metrics(seed_metrics([score_metrics(c, "confirm") for c in confirms], confirmed, prefix="confirm"),
+                      step=steps, model_id=model_id)
     with tempfile.TemporaryDirectory() as tmp:
         if averaged is not None:
             t.log_artifact(save_examples(averaged, Path(tmp) / examples_file("heldout", steps)), EXAMPLES_DIR)
+        if confirmed is not None:
+            t.log_artifact(save_examples(confirmed, Path(tmp) / examples_file("confirm", steps)), EXAMPLES_DIR)
     t.log_artifacts(outs[0]["adapter_dir"], "adapter")
     t.finish_model(model_id, outs[0]["adapter_dir"], steps)
     t.set_tags({"rlora.seed_runs": ",".join(o["run_id"] for o in outs)})
@@ -293,9 +301,10 @@ def end_stopped(client, run_id: str, status: str, metrics: dict) -> None:
                           end_time=int(1000 * at) if at and status == "STOPPED" else None)
 
 
-def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) -> dict[str, Any]:
+def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=(None, None)) -> dict[str, Any]:
     """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
-    (``base``: the base model's per-example held-out table, for the Δ-vs-base column)."""
+    (``base``: the base model's per-example tables on the selection and confirmation splits, for
+    the Δ-vs-base column)."""
     from pipeline.reports import adapter_cells, plot_objective_vs_params, section_cell, trials_table
 
     rows = []
@@ -331,10 +340,11 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
     sign = -1.0 if cfg.tune.mode == "max" else 1.0  # ties broken by trial id, as the eval stage does
     ok.sort(key=lambda row: (sign * row[cfg.tune.metric], str(row["trial_id"])))
     best = ok[0] if ok else None
-    verdict, vs_base = compare_trials(ok, cfg.tune.metric, tracker.client, base)
+    verdict, vs_base, claims = compare_trials(ok, cfg.tune.metric, tracker.client, *base)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
-    md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out, cfg.tune.mode)
+    md, csv_path, html = trials_table(rows, list(cfg.search), cfg.tune.metric, out, cfg.tune.mode,
+                                      confirm_metric(cfg.tune.metric), claims_note(claims))
     tracker.log_artifact(md, "trials")
     tracker.log_artifact(csv_path, "trials")
     tracker.log_artifact(html, "trials")
@@ -347,25 +357,34 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=None) ->
     tracker.log_metrics({f"sweep/{k}": v for k, v in summary.items()}, step=0)
     if best:
         tracker.log_params({f"best.{k}": best[k] for k in cfg.search})
+        cm = confirm_metric(cfg.tune.metric)
         tracker.log_metrics({parent_metric("best", cfg.tune.metric): best[cfg.tune.metric],
-                             parent_metric("best", cfg.tune.metric + "_stderr"): best.get(f"{cfg.tune.metric}_stderr")},
-                            step=0)
+                             parent_metric("best", cfg.tune.metric + "_stderr"): best.get(f"{cfg.tune.metric}_stderr"),
+                             **({parent_metric("best", cm): best[cm], parent_metric("best", cm + "_stderr"):
+                                 best.get(f"{cm}_stderr")} if best.get(cm) is not None else {})}, step=0)
         tracker.set_tags({"best_trial": best["trial_id"], "best_run": best["mlflow_run"] or ""})
     if verdict:
         tracker.set_tags({"rlora.best_vs_runner_up": verdict})
     if vs_base:
         tracker.set_tags({"rlora.best_vs_base": vs_base})
+    if claims is not None:
+        tracker.set_tags({"rlora.claims_split": claims.split, "rlora.claims_resolved": ",".join(claims.resolved())})
     from pipeline.reports import sweep_description
 
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     tracker.set_description(sweep_description(cfg.name, cfg.tune.metric, best, list(cfg.search), [verdict, vs_base],
-                                              Path(md).read_text(), exp_id, rows))
+                                              Path(md).read_text(), exp_id, rows, confirm_metric(cfg.tune.metric)))
     view = sweep_view(cfg, tracker, exp_id)
     tracker.set_tags({"rlora.ui_view": view})
+    found = None if claims is None else {
+        "split": claims.split, "order": claims.order, "resolved": claims.resolved(),
+        "vs_best": {k: c.to_dict() for k, c in claims.vs_best.items()},
+        "vs_base": {k: c.to_dict() for k, c in claims.vs_base.items()}}
     (out / "summary.json").write_text(json.dumps({"summary": summary, "best": best, "rows": rows,
-                                                  "best_vs_runner_up": verdict, "best_vs_base": vs_base},
-                                                 indent=2, default=str) + "\n")
-    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict, "vs_base": vs_base, "ui_view": view}
+                                                  "best_vs_runner_up": verdict, "best_vs_base": vs_base,
+                                                  "claims": found}, indent=2, default=str) + "\n")
+    return {"summary": summary, "best": best, "rows": rows, "verdict": verdict, "vs_base": vs_base, "ui_view": view,
+            "claims": found}
 
 
 def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
@@ -389,40 +408,55 @@ def parent_metric(role: str, metric: str) -> str:
     return f"sweep/{role}_{metric.replace('/', '_')}"
 
 
-def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> Optional[Any]:
-    """The base model, without adapter, on the held-out examples every trial scores: once per
-    sweep, in the sweep's tail on a freed slot (``pipeline.tail.BaseHeldOut``) or else in the
-    driver after the trials (reused on ``--resume``). Logged on the parent run as
-    ``sweep/base_<objective>`` (± se) and its per-example table, so the summary can say whether
-    fine-tuning helped at all, with the same paired test as between trials."""
+def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tuple[Optional[Any], Optional[Any]]:
+    """The base model, without adapter, on the held-out examples every trial scores (the selection
+    split) and on the confirmation split: once per sweep, in the sweep's tail on a freed slot
+    (``pipeline.tail.BaseHeldOut``) or else in the driver after the trials (reused on
+    ``--resume``). The selection scores go on the parent run (``sweep/base_<objective>`` ± se and
+    the per-example table), the confirmation scores on the base model's child run
+    (``confirm/<metric>`` ± se and its table), so the summary can say whether fine-tuning helped at
+    all, with the same paired test as between trials. Returns (selection table, confirmation table)."""
+    from pipeline.batching import confirmation_examples
     from pipeline.stats import objective_column
-    from pipeline.tracking import run_examples
+    from pipeline.tracking import base_model_run, run_examples
 
     if objective_column(cfg.tune.metric) is None:
-        return None
+        return None, None
+    base_run = base_model_run(tracker.client, tracker.run_id, cfg.base.model)
     found = run_examples(tracker.client, tracker.run_id, "heldout").get("heldout")
-    if found is not None:
-        return found
+    confirmed = run_examples(tracker.client, base_run, "confirm").get("confirm")
+    wants_confirm = bool(confirmation_examples(cfg.base.data))
+    if found is not None and (confirmed is not None or not wants_confirm):
+        return found, confirmed
     import torch
 
     from pipeline.mixture_cache import tokenised_mixture
     from pipeline.models import load_model, resolve_model
     from pipeline.precision import autocast, load_dtype
-    from pipeline.train import _log_examples, evaluate
+    from pipeline.tracking import Tracker
+    from pipeline.train import _log_examples, evaluate, evaluate_confirmation
 
     t0 = time.time()
     d = cfg.base.data
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     model, tok = load_model(cfg.base.model, dtype=load_dtype(cfg.base.train.precision))
-    mix = tokenised_mixture(d, tok, resolve_model(cfg.base.model))[0]  # the trials' (cached) mixture
-    with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
-        metrics, table = evaluate(model.eval(), tok, mix.held_out, d.max_length)
+    model.eval()
     obj = cfg.tune.metric
-    tracker.log_metrics({parent_metric("base", k): metrics[k] for k in (obj, obj + "_stderr") if k in metrics}, step=0)
-    _log_examples(tracker, table, 0)
-    print(f"base model on the held-out examples: {cfg.tune.metric} = {metrics.get(cfg.tune.metric, float('nan')):.4f}"
-          f" ± {metrics.get(cfg.tune.metric + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
-    return table
+    with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
+        if found is None:
+            mix = tokenised_mixture(d, tok, resolve_model(cfg.base.model))[0]  # the trials' (cached) mixture
+            metrics, found = evaluate(model, tok, mix.held_out, d.max_length)
+            tracker.log_metrics({parent_metric("base", k): metrics[k] for k in (obj, obj + "_stderr") if k in metrics},
+                                step=0)
+            _log_examples(tracker, found, 0)
+            print(f"base model on the held-out examples: {obj} = {metrics.get(obj, float('nan')):.4f}"
+                  f" ± {metrics.get(obj + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
+        if confirmed is None and wants_confirm:
+            metrics, confirmed = evaluate_confirmation(model, tok, d)
+            base = Tracker(tracker.tracking_uri, base_run)
+            base.log_metrics(metrics, step=0)
+            _log_examples(base, confirmed, 0, "confirm")
+    return found, confirmed
 
 
 def _delta_cells(c, scale: float) -> tuple[str, str]:
@@ -430,44 +464,68 @@ def _delta_cells(c, scale: float) -> tuple[str, str]:
     return f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]", "yes" if c.resolved else "no"
 
 
-def compare_trials(ranked: list[dict], metric: str, client, base=None) -> tuple[Optional[str], Optional[str]]:
-    """Paired comparison of every trial with the best (and with the base model's table ``base``,
-    when given) on the held-out examples they all scored: adds ``Δ vs best``/``resolved`` and
-    ``Δ vs base``/``vs base resolved`` to the rows; returns the best-vs-runner-up and the
-    best-vs-base sentences."""
+def confirm_metric(metric: str) -> str:
+    """The confirmation split's name for an objective: ``eval/mean_acc`` -> ``confirm/mean_acc``."""
+    return "confirm/" + metric.split("/", 1)[-1]
+
+
+def compare_trials(ranked: list[dict], metric: str, client, base=None, base_confirm=None):
+    """The sweep's claims (``pipeline.claims``) about the trials in ``ranked`` (best first by the
+    selection split): on the confirmation split where the trials have one (``confirm`` tables,
+    ``base_confirm`` for the base model), else on the selection split (``heldout``, ``base``),
+    labelled as such. Adds to the rows the confirmation score (``confirm/<metric>`` ± se),
+    ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
+    each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
+    from pipeline.claims import CONFIRMATION, SELECTION, family_claims
     from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.stats import display_scale, objective_column, paired_compare
+    from pipeline.stats import display_scale, objective_column, score_table
     from pipeline.tracking import run_examples
 
     col = objective_column(metric)
     if col is None or not ranked:
-        return None, None
-    tables = {}
-    for row in ranked:
-        if row.get("mlflow_run"):
-            tables[row["trial_id"]] = run_examples(client, row["mlflow_run"], "heldout").get("heldout")
-    best = tables.get(ranked[0]["trial_id"])
-    if best is None:
-        return None, None
-    scale, unit = display_scale(col)
-    vs_base = None
-    if base is not None:
+        return None, None, None
+
+    def tables(kind: str) -> dict:
+        found = {row["trial_id"]: run_examples(client, row["mlflow_run"], kind).get(kind)
+                 for row in ranked if row.get("mlflow_run")}
+        return {k: t for k, t in found.items() if t is not None}
+
+    order = [row["trial_id"] for row in ranked]
+    confirm = tables("confirm")
+    if confirm:
+        claims = family_claims(order, confirm, base_confirm, col, CONFIRMATION)
+        cm = confirm_metric(metric)
         for row in ranked:
-            t = tables.get(row["trial_id"])
-            if t is not None:
-                row[BASE_COL], row["vs base resolved"] = _delta_cells(paired_compare(t, base, col), scale)
-        vs_base = paired_compare(best, base, col).sentence("the best trial", "the base model", scale, unit)
-    if len(ranked) < 2:
-        return None, vs_base
-    for row in ranked[1:]:
-        t = tables.get(row["trial_id"])
-        if t is None:
-            continue
-        row[DELTA_COL], row["resolved"] = _delta_cells(paired_compare(t, best, col), scale)
-    second = tables.get(ranked[1]["trial_id"])
-    if second is None:
-        return None, vs_base
-    return paired_compare(best, second, col).sentence("the best trial", "the second", scale, unit), vs_base
+            if row["trial_id"] in confirm:
+                score = score_table(confirm[row["trial_id"]], col)[1]
+                row[cm], row[f"{cm}_stderr"] = score.mean, score.se
+    else:  # trials without a confirmation split (data.confirm_per_task 0, or trained by an earlier version)
+        claims = family_claims(order, tables("heldout"), base, col, SELECTION)
+    scale, unit = display_scale(col)
+    for row in ranked:
+        c = claims.vs_best.get(row["trial_id"])
+        if c is not None:
+            row[DELTA_COL], row["resolved"] = _delta_cells(c, scale)
+        c = claims.vs_base.get(row["trial_id"])
+        if c is not None:
+            row[BASE_COL], row["vs base resolved"] = _delta_cells(c, scale)
+    verdict, vs_base = claims.sentences(scale, unit)
+    return verdict, vs_base, claims
+
+
+def claims_note(claims) -> str:
+    """What the Δ columns are measured on and how their intervals are adjusted, in one line."""
+    if claims is None:
+        return ""
+    split = ("the confirmation split (examples disjoint from the ones that ranked the trials)"
+             if claims.split == "confirmation" else
+             "the selection split (the same examples ranked the trials, so the best one's lead is biased upwards)")
+    fam = [f"{len(d)} vs {what}" for d, what in ((claims.vs_best, "the best"), (claims.vs_base, "the base model")) if d]
+    return (f"Δ columns: {split}; max-t simultaneous 95 % intervals per family of comparisons "
+            f"({', '.join(fam) or 'none'}); 'resolved' = the family's interval excludes 0.")
+
+
+TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials answer differently (measured)
 
 
 def precision_note(cfg: SweepConfig) -> str:
@@ -487,8 +545,25 @@ def precision_note(cfg: SweepConfig) -> str:
                 "this objective: read differences under about two standard errors as not resolved")
     else:
         what = "paired comparisons at the end say which differences between trials are resolved"
+    nc = cfg.base.data.confirm_per_task or 0
+    if col is not None and nc:
+        from pipeline.stats import family_crit, paired_se
+
+        m = max(1, expected_trials(cfg) - 1)
+        pse = paired_se(nc, n_tasks, TRIAL_DISAGREEMENT)
+        scale, unit = (100.0, "points") if col == "correct" else (1.0, "nats")
+        confirm = (f"; the claims at the end come from a confirmation split of {n_tasks} x {nc} other examples, "
+                   f"scored once per finished trial and for the base model: a paired difference between two "
+                   f"trials there has a standard error of about {scale * pse:.1f} {unit} (when they disagree on "
+                   f"{100 * TRIAL_DISAGREEMENT:.0f} % of examples), and with up to {m} comparison{'s' if m > 1 else ''} against the best "
+                   f"a difference of about {scale * (family_crit(m) + 0.84) * pse:.1f} {unit} is resolved with 80 % power"
+                   if col == "correct" else f"; the claims at the end come from a confirmation split of "
+                   f"{n_tasks} x {nc} other examples")
+    else:
+        confirm = "; no confirmation split (base.data.confirm_per_task 0): the claims at the end are made on the " \
+                  "same examples that ranked the trials" if col is not None else ""
     return (f"objective {cfg.tune.metric}: {n_tasks} task(s) x {n} held-out examples = {n_tasks * n}, the same "
-            f"for every trial; {what}"
+            f"for every trial (the selection split); {what}{confirm}"
             + (f"; every configuration runs {cfg.tune.seeds} seeds and is ranked by the mean over seeds, whose "
                f"standard error also counts the spread between seeds" if cfg.tune.seeds > 1 else ""))
 
@@ -503,7 +578,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     trials that ended in an error run again, from their last checkpoint."""
     t0 = time.time()
     from pipeline.models import resolve_model
-    from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
+    from pipeline.tracking import Tracker, base_model_run, check_reachable, resolve_tracking_uri
     from pipeline.train import ensure_ray
 
     tracking_uri = resolve_tracking_uri(cfg.base.mlflow.tracking_uri)
@@ -528,6 +603,8 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
         state_path.write_text(json.dumps(state, indent=2) + "\n")
         (sweep_dir / "sweep_config.json").write_text(json.dumps(state["config"], indent=2) + "\n")
         tracker.log_artifact(sweep_dir / "sweep_config.json")  # what `eval.run --sweep` reads back
+        # the base model's run, before anything in the sweep's tail (its scoring, the eval stage) looks for it
+        base_model_run(tracker.client, parent, cfg.base.model)
     if console is not None:
         console.log_to(sweep_dir / LOG_FILE)
         console.attach_to = (tracking_uri, tracker.run_id)
@@ -707,8 +784,11 @@ def _run_and_report(cfg: SweepConfig, args, console) -> int:
     if best:
         params = ", ".join(f"{k}={best[k]}" for k in cfg.search)
         se = best.get(f"{cfg.tune.metric}_stderr")
+        cm = confirm_metric(cfg.tune.metric)
+        confirmed = (f"; on the confirmation split {cm} = {best[cm]:.4f} ± {best.get(cm + '_stderr', math.nan):.4f}"
+                     if best.get(cm) is not None else "")
         print(f"best {cfg.tune.metric} = {best[cfg.tune.metric]:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-              + f" (trial {best['trial_id']}): {params}")
+              + f" on the selection split (trial {best['trial_id']}){confirmed}: {params}")
         for sentence in (out.get("verdict"), out.get("vs_base")):
             if sentence:
                 print(sentence[0].upper() + sentence[1:] + ".")

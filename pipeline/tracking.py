@@ -18,6 +18,7 @@ EXAMPLES_DIR = "examples"  # per-example tables on a run: examples/<kind>-<step>
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 DESCRIPTION_TAG = "mlflow.note.content"  # a run's description (markdown) in the UI
 MODEL_ID_TAG = "rlora.model_id"  # the MLflow logged model holding a run's adapter
+ROLE_TAG = "rlora.eval_role"  # "base": a sweep's child run that holds the base model's scores
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # experiment tags the UI reads for ?viewStateShareKey=
 # the UI's global GenAI / Model-training switch (remembered per browser) set by a link's query
 UI_MODEL_TRAINING = "workflowType=machine_learning"
@@ -239,6 +240,22 @@ class Tracker:
 
     def history(self, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+
+
+def base_model_run(client, parent_run_id: str, model: str) -> str:
+    """The sweep's child run of the base model (created on first use): its confirmation-split
+    scores and the eval stage's lm-eval scores go there, beside the trials' runs."""
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{ROLE_TAG}` = 'base'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    t = Tracker(client.tracking_uri)
+    rid = t.start_run(client.get_experiment(parent.info.experiment_id).name, "base-model", {"model": model},
+                      tags={ROLE_TAG: "base"}, parent_run_id=parent_run_id)
+    t.finish("FINISHED")
+    return rid
 
 
 def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, Any]:

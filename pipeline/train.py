@@ -87,14 +87,31 @@ def evaluate(model, tok, held_out, max_length: int, rank: int = 0, world: int = 
     return out, table
 
 
-def _log_examples(tracker, table, step: int) -> None:
+def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1):
+    """(``confirm/...`` metrics, per-example table) on the run's confirmation split
+    (``pipeline.batching.confirmation_examples``), or ({}, None) where it has none. Scored once, at
+    the end of training: nothing that trains, stops or ranks a trial ever sees these scores."""
+    import pandas as pd
+
+    from pipeline.batching import confirmation_examples
+    from pipeline.stats import EXAMPLE_COLUMNS, score_metrics
+
+    examples = confirmation_examples(data)
+    if not examples:
+        return {}, None
+    rows = score_held_out(model, tok, examples, data.max_length, rank, world)
+    table = pd.DataFrame([{c: r[c] for c in EXAMPLE_COLUMNS} for r in rows], columns=list(EXAMPLE_COLUMNS))
+    return score_metrics(table, prefix="confirm"), table
+
+
+def _log_examples(tracker, table, step: int, kind: str = "heldout") -> None:
     if tracker is None or table is None:
         return
     from pipeline.stats import examples_file, save_examples
     from pipeline.tracking import EXAMPLES_DIR
 
     with tempfile.TemporaryDirectory() as tmp:
-        tracker.log_artifact(save_examples(table, Path(tmp) / examples_file("heldout", step)), EXAMPLES_DIR)
+        tracker.log_artifact(save_examples(table, Path(tmp) / examples_file(kind, step)), EXAMPLES_DIR)
 
 
 def log_mixture(tracker, cfg: RunConfig, mix) -> None:
@@ -367,6 +384,12 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
                 peak = max(peak, peak_memory_gb(device))
                 tracker.log_metrics({"train/peak_mem_gb": peak}, step=step)
                 _log_examples(tracker, table, step)
+            if final:  # the confirmation split: logged on the run, never reported to Tune
+                with autocast(precision, device):
+                    confirm, ctable = evaluate_confirmation(model, tok, cfg.data, rank, world)
+                if tracker and ctable is not None:
+                    tracker.log_metrics(confirm, step=step, model_id=loop_config.get("model_id"))
+                    _log_examples(tracker, ctable, step, "confirm")
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         metrics["time/at/report"] = time.time()
         if rank == 0 and do_ckpt:

@@ -77,10 +77,14 @@ def history_lengths(client, run_id, keys):
     return {k: len(client.get_metric_history(run_id, k)) for k in keys}
 
 
-def heldout_table(client, run_id, step, where):
+def heldout_table(client, run_id, step, where, kind="heldout"):
     import pandas as pd
 
-    return pd.read_parquet(client.download_artifacts(run_id, f"examples/heldout-{step:06d}.parquet", str(where)))
+    return pd.read_parquet(client.download_artifacts(run_id, f"examples/{kind}-{step:06d}.parquet", str(where)))
+
+
+def best_line_at(out):
+    return out.index("best eval/mean_acc")
 
 
 def hand_delta(a, b, column="correct"):
@@ -185,12 +189,13 @@ def test_report_tables_round_in_markdown_and_html_but_keep_full_precision_in_csv
 def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(tmp_path):
     """Known per-example outcomes in a real MLflow store: trial a is 20 of 40 better than the base
     model, trial b 2 of 40; the table says so (signs, values, resolved) and the closing sentences
-    name the best trial against the runner-up and against the base model."""
+    name the best trial against the runner-up and against the base model, on the selection split
+    when the trials have no confirmation split, labelled as such."""
     import pandas as pd
     from mlflow import MlflowClient
 
     from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.stats import examples_file, paired_compare, save_examples
+    from pipeline.stats import compare_family, examples_file, save_examples
     from pipeline.sweep import compare_trials
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -208,17 +213,54 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
         client.log_artifact(run, str(save_examples(table(right), tmp_path / trial / examples_file("heldout", 8))),
                             "examples")
         rows.append({"trial_id": trial, "mlflow_run": run})
-    verdict, vs_base = compare_trials(rows, "eval/mean_acc", client, base)
+    verdict, vs_base, claims = compare_trials(rows, "eval/mean_acc", client, base)
+    assert claims.split == "selection"
     a, b = rows
     assert a[BASE_COL].startswith("+50.0 [") and a["vs base resolved"] == "yes"
     assert b[BASE_COL].startswith("+5.0 [") and b["vs base resolved"] == "no"
     assert b[DELTA_COL].startswith("-45.0 [") and b["resolved"] == "yes" and DELTA_COL not in a
-    assert verdict.startswith("the best trial is better than the second (Δ = +45.0 points")
-    c = paired_compare(table(30), base)
-    assert vs_base == c.sentence("the best trial", "the base model")
-    assert vs_base.startswith("the best trial is better than the base model (Δ = +50.0 points")
+    assert verdict.startswith("the best trial (a) is better than the runner-up (b) on the selection split (Δ = +45.0")
+    c = compare_family(base, {"a": table(30), "b": table(12)})["a"]  # two trials vs the base model: a family of 2
+    assert c.m == 2 and vs_base == c.sentence("the best trial (a)", "the base model on the selection split")
+    assert "simultaneous 95 % CI over 2 comparisons" in vs_base
     assert compare_trials(rows, "eval/mean_acc", client)[1] is None  # no base table: no base column
 
+
+def test_claims_come_from_the_confirmation_split_where_the_trials_have_one(tmp_path):
+    """The selection split says trial a beats b by 45 points; on the confirmation split they are
+    equal and both 25 points above the base model: the verdicts, the Δ columns and the
+    confirmation score column follow the confirmation split, and the best stays the trial the
+    selection split chose."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline.reports import BASE_COL, DELTA_COL
+    from pipeline.stats import examples_file, save_examples
+    from pipeline.sweep import compare_trials
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+
+    def table(n_right, n=40):
+        return pd.DataFrame({"task": ["t"] * n, "example_id": [f"{n}-{i}" for i in range(n)],
+                             "correct": [1.0 if i < n_right else 0.0 for i in range(n)],
+                             "gold_logprob": [-1.0] * n, "margin": [0.0] * n})
+
+    rows = []
+    for trial, sel, conf in (("a", 30, 70), ("b", 12, 70)):
+        run = client.create_run(exp).info.run_id
+        for kind, t in (("heldout", table(sel)), ("confirm", table(conf, 100))):
+            client.log_artifact(run, str(save_examples(t, tmp_path / trial / examples_file(kind, 8))), "examples")
+        rows.append({"trial_id": trial, "mlflow_run": run})
+    verdict, vs_base, claims = compare_trials(rows, "eval/mean_acc", client, table(10), table(45, 100))
+    a, b = rows
+    assert claims.split == "confirmation" and claims.best == "a"
+    assert a["confirm/mean_acc"] == pytest.approx(0.7) and a["confirm/mean_acc_stderr"] > 0
+    assert b[DELTA_COL].startswith("+0.0 [") and b["resolved"] == "no"
+    assert a[BASE_COL].startswith("+25.0 [") and a["vs base resolved"] == "yes"
+    assert verdict.startswith("the best trial (a) is not distinguishable from the runner-up (b) on the "
+                              "confirmation split (Δ = +0.0 points")
+    assert vs_base.startswith("the best trial (a) is better than the base model on the confirmation split (Δ = +25.0")
 
 
 # ------------------------------------------------------------------ one sweep through the CLI, many checks
@@ -261,7 +303,11 @@ def test_smoke_sweep_says_its_precision_first_and_its_verdicts_last(smoke):
     best_line = next(line for line in out.splitlines() if line.startswith("best eval/mean_acc"))
     se = smoke.ranked[0].data.metrics["eval/mean_acc_stderr"]
     assert f"= {smoke.ranked[0].data.metrics['eval/mean_acc']:.4f} ± {se:.4f}" in best_line
-    assert "The best trial is" in out and "the second (Δ = " in out and "parent run" in out
+    assert f"; on the confirmation split confirm/mean_acc = {smoke.ranked[0].data.metrics['confirm/mean_acc']:.4f}" \
+        in best_line
+    assert out.index("confirmation split of 2 x 6 other examples") < best_line_at(out)  # its size, said first
+    assert "The best trial (" in out and "the runner-up (" in out and "on the confirmation split (Δ = " in out
+    assert "simultaneous 95 % CI over 2 comparisons" in out and "parent run" in out
     assert "3 trials (3 done, 0 stopped early by ASHA, 0 failed)" in out
 
 
@@ -310,14 +356,20 @@ def test_smoke_sweep_records_the_parent_and_every_trial_in_mlflow(smoke):
 
 @pytest.mark.slow
 def test_trials_table_gives_each_trial_its_paired_difference_to_the_best_by_hand(smoke, capsys):
-    """Every trial's objective equals the macro accuracy of its per-example table; the trials table's
-    ``Δ vs best`` of every other trial, and ``eval.compare``'s Δ of the best two, equal a paired
-    difference computed here by hand from the two tables."""
+    """Every trial's objective equals the macro accuracy of its per-example table on the selection
+    split and its ``confirm/mean_acc`` that of its confirmation table (other examples); the trials
+    table's ``Δ vs best`` of every other trial, and ``eval.compare``'s Δ of the best two, equal a
+    paired difference computed here by hand from the confirmation tables."""
     client, ranked = smoke.client, smoke.ranked
-    tables = [heldout_table(client, c.info.run_id, 6, smoke.tmp / ("t" + c.info.run_id)) for c in ranked]
-    assert all(len(t) == 12 for t in tables)
-    for c, t in zip(ranked, tables):
-        assert c.data.metrics["eval/mean_acc"] == pytest.approx(t.groupby("task")["correct"].mean().mean())
+    selection = [heldout_table(client, c.info.run_id, 6, smoke.tmp / ("s" + c.info.run_id)) for c in ranked]
+    tables = [heldout_table(client, c.info.run_id, 6, smoke.tmp / ("t" + c.info.run_id), "confirm") for c in ranked]
+    assert all(len(t) == 12 for t in tables + selection)
+    assert not set(tables[0]["example_id"]) & set(selection[0]["example_id"])  # disjoint splits
+    for c, t, s in zip(ranked, tables, selection):
+        assert c.data.metrics["eval/mean_acc"] == pytest.approx(s.groupby("task")["correct"].mean().mean())
+        assert c.data.metrics["confirm/mean_acc"] == pytest.approx(t.groupby("task")["correct"].mean().mean())
+    results = list(Path(smoke.parent.data.tags["sweep_dir"]).rglob("result.json"))
+    assert len(results) == 3 and not any("confirm/" in r.read_text() for r in results)  # Tune never sees it
     import pandas as pd
 
     csv = pd.read_csv(client.download_artifacts(smoke.parent.info.run_id, "trials/trials.csv", str(smoke.tmp / "csv")))
@@ -333,7 +385,7 @@ def test_trials_table_gives_each_trial_its_paired_difference_to_the_best_by_hand
     capsys.readouterr()
     assert compare([ranked[0].info.run_id, ranked[1].info.run_id, "--tracking-uri", smoke.uri]) == 0
     out = capsys.readouterr().out
-    assert "held-out (macro over tasks), acc" in out
+    assert out.index("confirmation split (macro over tasks), acc") < out.index("held-out selection split")
     assert f"Δ = {100 * hand_delta(tables[0], tables[1])[0]:+.1f} points" in out
     assert compare([ranked[0].info.run_id, "0" * 32, "--tracking-uri", smoke.uri]) == 2
     err = capsys.readouterr().err
@@ -342,35 +394,46 @@ def test_trials_table_gives_each_trial_its_paired_difference_to_the_best_by_hand
 
 @pytest.mark.slow
 def test_the_base_model_row_is_a_scoring_done_here_and_each_trial_is_paired_with_it(smoke):
-    """The driver scored the base model (no adapter) on the trials' held-out examples: its table on
-    the parent run equals a scoring of the base model done here, and each trial's ``Δ vs base`` cell
-    (and, for the best, the closing sentence) is the paired difference computed by hand."""
+    """The base model (no adapter) was scored on the trials' held-out examples and on their
+    confirmation split: its tables (on the parent run; on its own child run, with
+    ``confirm/mean_acc``) equal a scoring of the base model done here, and each trial's ``Δ vs base``
+    cell (and, for the best, the closing sentence) is the paired difference on the confirmation
+    split computed by hand."""
     import pandas as pd
 
-    from pipeline.batching import build_mixture
+    from pipeline.batching import build_mixture, confirmation_examples
+    from pipeline.config import DataSection
     from pipeline.models import load_model
     from pipeline.scoring import score_choices
 
     client, parent = smoke.client, smoke.parent
+    base_run = client.search_runs([parent.info.experiment_id], "tags.`rlora.eval_role` = 'base'")[0]
     base = heldout_table(client, parent.info.run_id, 0, smoke.tmp / "base")
+    confirm = heldout_table(client, base_run.info.run_id, 0, smoke.tmp / "base_c", "confirm")
     model, tok = load_model(str(smoke.model))
-    mine = pd.DataFrame(score_choices(model.eval(), tok, build_mixture(["sst2", "boolq"], 48, 6, 0).held_out, 80))
-    merged = base.merge(mine, on=["task", "example_id"], suffixes=("", "_here"))
-    assert len(merged) == len(base) == 12
-    assert (merged["correct"] == merged["correct_here"]).all()
-    assert merged["gold_logprob"].to_numpy() == pytest.approx(merged["gold_logprob_here"].to_numpy(), abs=1e-4)
+    data = DataSection(tasks=["sst2", "boolq"], train_per_task=48, eval_per_task=6, confirm_per_task=6)
+    for table, examples in ((base, build_mixture(["sst2", "boolq"], 48, 6, 0).held_out),
+                            (confirm, confirmation_examples(data))):
+        mine = pd.DataFrame(score_choices(model.eval(), tok, examples, 80))
+        merged = table.merge(mine, on=["task", "example_id"], suffixes=("", "_here"))
+        assert len(merged) == len(table) == 12
+        assert (merged["correct"] == merged["correct_here"]).all()
+        assert merged["gold_logprob"].to_numpy() == pytest.approx(merged["gold_logprob_here"].to_numpy(), abs=1e-4)
     assert parent.data.metrics["sweep/base_eval_mean_acc"] == pytest.approx(base.groupby("task")["correct"].mean().mean())
+    assert base_run.data.metrics["confirm/mean_acc"] == pytest.approx(confirm.groupby("task")["correct"].mean().mean())
+    assert base_run.data.metrics["confirm/mean_acc_stderr"] > 0
     csv = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials/trials.csv", str(smoke.tmp / "csv2")))
     cells = {r["mlflow_run"]: (r["Δ vs base (95% CI)"], r["vs base resolved"]) for _, r in csv.iterrows()}
     for c in smoke.ranked:
-        t = heldout_table(client, c.info.run_id, 6, smoke.tmp / ("b" + c.info.run_id))
-        assert set(zip(t["task"], t["example_id"])) == set(zip(base["task"], base["example_id"]))
-        delta, se = hand_delta(t, base)
+        t = heldout_table(client, c.info.run_id, 6, smoke.tmp / ("b" + c.info.run_id), "confirm")
+        assert set(zip(t["task"], t["example_id"])) == set(zip(confirm["task"], confirm["example_id"]))
+        delta, se = hand_delta(t, confirm)
         cell, resolved = cells[c.info.run_id]
         check_delta_cell(cell, delta, se, resolved)
         if c is smoke.ranked[0]:
-            assert f"the base model (Δ = {100 * delta:+.1f} points" in smoke.proc.stdout
-            assert parent.data.tags["rlora.best_vs_base"].startswith("the best trial is")
+            assert f"the base model on the confirmation split (Δ = {100 * delta:+.1f} points" in smoke.proc.stdout
+            assert parent.data.tags["rlora.best_vs_base"].startswith(f"the best trial ({c.data.tags['rlora.trial_id']})")
+    assert parent.data.tags["rlora.claims_split"] == "confirmation"
 
 
 EVAL_KEYS = ["bbh/avg", "bbh/navigate", "bbh/word_sorting", "mmlu/avg", "mmlu/stem", "mmlu/humanities",
