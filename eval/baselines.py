@@ -3,7 +3,8 @@ such as ``sweeps/baselines.yaml`` in the layout of the paper's Tables 2/3.
 
 One row per adapter (the run's ``rlora.adapter`` label: ``rlora-N3-r8``, ``lora-r24``, ``ia3`` ...):
 held-out accuracy per task and its macro average (mean over seeds ± standard error over seeds and
-examples), the paired difference to R-LoRA with its 95 % interval (same examples, seeds matched),
+examples), the paired difference to R-LoRA (same examples, seeds matched) with a 95 % interval
+that holds jointly over every adapter's comparison with R-LoRA (Bonferroni),
 trainable parameters as % of the base, the A/B matrix counts, and training throughput (median of
 the logged ``train/tokens_per_s`` over a run's steps, mean over seeds) and peak memory (the
 logged ``train/peak_mem_gb``, mean over seeds). A trial trained with
@@ -73,7 +74,8 @@ def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], lis
         row = {"adapter": label, "seeds": len(recs),
                **{TASK_LABELS.get(t, t): _cell(*arm_score(recs, t)) for t in tasks},
                "Avg": _cell(mean, se), "_avg": mean if mean is not None else float("-inf"),
-               "Δ vs R-LoRA": "–" if ref is None or label == ref else _delta_cell(arm_difference(recs, arms[ref])),
+               "Δ vs R-LoRA": "–" if ref is None or label == ref else _delta_cell(arm_difference(recs, arms[ref],
+                                                                                                 len(arms) - 1)),
                "% params": f"{statistics.fmean(pct):.3g}" if pct else "–",
                "A/B": recs[0]["ab"] if recs[0]["ab"] not in (None, "None") else "–",
                "tokens/s": f"{statistics.fmean(tps):.0f}" if tps else "–",
@@ -105,8 +107,9 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
              f"MLflow sweep run `{parent_run_id}`. {config_note}" + (f" Wall time {wall_s / 60:.1f} min." if wall_s else ""),
              "", "## Tables 2/3 layout: held-out accuracy (%) per task, mean ± standard error (seeds and examples)", "",
              tables[0].read_text().rstrip(), "",
-             f"Δ vs R-LoRA: paired difference to `{ref or 'no single R-LoRA row'}` in points, 95 % interval over "
-             "examples and seeds; n.r. = not resolved (the interval contains 0). % params: trainable parameters "
+             f"Δ vs R-LoRA: paired difference to `{ref or 'no single R-LoRA row'}` in points, over examples and "
+             f"seeds, with a 95 % interval that holds jointly over the {len(arms) - 1} comparisons with R-LoRA "
+             "(Bonferroni); n.r. = not resolved (the interval contains 0). % params: trainable parameters "
              "as a share of the frozen base. A/B: low-rank down/up matrices per adapted layer. tokens/s: median "
              "training throughput over a run's steps, mean over seeds (trials ran side by side on shared cores: "
              "compare with `benchmarks.train_step --variants methods`, which times each method alone). peak mem: "

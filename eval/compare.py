@@ -1,11 +1,13 @@
 """``python -m eval.compare RUN_A RUN_B [--tracking-uri URI] [--json FILE]``
 
 Paired comparison of two MLflow runs on the examples both scored, from the per-example tables
-the runs carry (``examples/heldout-<step>.parquet`` from training, ``examples/lmeval-<round>.parquet``
-from the eval stage; the latest of each). For held-out tasks: accuracy, gold-vs-best-wrong margin
-and gold log-prob, as macro means over tasks; for each lm-eval family (bbh_fewshot, mmlu, ...):
-accuracy pooled over its questions. Each line gives A - B with a 95 % paired-bootstrap interval,
-McNemar's exact p for accuracies, and whether the difference is resolved.
+the runs carry (``examples/confirm-<step>.parquet`` and ``examples/heldout-<step>.parquet`` from
+training, ``examples/lmeval-<round>.parquet`` from the eval stage; the latest of each). For the
+confirmation split and the held-out (selection) split: accuracy, gold-vs-best-wrong margin and gold
+log-prob, as macro means over tasks; for each lm-eval family (bbh_fewshot, mmlu, ...): accuracy
+pooled over its questions. Each line gives A - B with a 95 % paired-bootstrap interval, McNemar's
+exact p for accuracies, and whether the difference is resolved. Two trials of a sweep were ranked
+on the held-out split: compare them on the confirmation split (listed first), which did not choose them.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ def compare_runs(client, run_a: str, run_b: str) -> list[dict[str, Any]]:
         raise CompareError(f"runs {run_a} and {run_b} have no per-example tables of the same kind "
                            f"(A: {sorted(a) or 'none'}, B: {sorted(b) or 'none'})")
     out = []
-    for kind in common:
+    split = {"confirm": "confirmation split (macro over tasks)",
+             "heldout": "held-out selection split (macro over tasks; the examples a sweep ranked its trials on)"}
+    for kind in sorted(common, key=lambda k: (k not in split, k != "confirm", k)):
         ta, tb = a[kind], b[kind]
-        if kind == "heldout":
-            groups = [("held-out (macro over tasks)", ta, tb, True)]
+        if kind in split:
+            groups = [(split[kind], ta, tb, True)]
         else:
             fams = sorted({t.split("/")[0] for t in ta["task"]} & {t.split("/")[0] for t in tb["task"]})
             groups = [(fam, ta[ta["task"].str.startswith(fam + "/")], tb[tb["task"].str.startswith(fam + "/")], False)

@@ -8,7 +8,8 @@ report, logged to the sweep's MLflow parent run under ``reproduce/``:
   where the standard error combines the spread over seeds and the finite held-out sample
   (se² = sd²_seeds / K + se²_examples, the latter from the per-example outcomes averaged over seeds);
 - each arm's paired difference to HydraLoRA and to LoRA (same examples, same seeds) with a 95 %
-  interval: se² = se²_paired-examples + var_k(d_k) / K over the per-seed differences d_k;
+  interval that holds jointly over the arms compared with that reference (Bonferroni), from
+  se² = se²_paired-examples + var_k(d_k) / K over the per-seed differences d_k;
 - head cosine similarity per arm (paper Fig. 2/5: HydraLoRA ≈ 0.8, R-LoRA < 0.7);
 - early gradient norms per arm (paper Fig. 6);
 - one sentence per claim of the paper: reproduced / not resolved at this size / contradicted.
@@ -114,10 +115,12 @@ def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[fl
     return mean, (None if math.isnan(se) else se)
 
 
-def arm_difference(a: list[dict], b: list[dict]) -> Optional[dict]:
+def arm_difference(a: list[dict], b: list[dict], m: int = 1) -> Optional[dict]:
     """Arm a − arm b on the macro accuracy: paired over examples (seed-averaged outcomes) and over
-    seeds (per-seed differences, seeds matched by value). None without per-example tables."""
-    from pipeline.stats import Z95, paired_compare
+    seeds (per-seed differences, seeds matched by value). None without per-example tables. ``m``: the
+    comparisons made against the same reference; the interval holds jointly over them (Bonferroni,
+    ``pipeline.stats.family_crit``), so "resolved" is wrong for at most 5 % of families."""
+    from pipeline.stats import family_crit, paired_compare
 
     ta, tb = _seed_avg(a), _seed_avg(b)
     if ta is None or tb is None:
@@ -130,8 +133,10 @@ def arm_difference(a: list[dict], b: list[dict]) -> Optional[dict]:
     var_seed = statistics.variance(d) / len(d) if len(d) > 1 else 0.0
     se = math.sqrt(c.se ** 2 + var_seed)
     delta = statistics.fmean(d) if d else c.delta
-    lo, hi = delta - Z95 * se, delta + Z95 * se
-    return {"delta": delta, "se": se, "lo": lo, "hi": hi, "resolved": lo > 0 or hi < 0, "n": c.n, "seeds": len(d)}
+    crit = family_crit(m)
+    lo, hi = delta - crit * se, delta + crit * se
+    return {"delta": delta, "se": se, "lo": lo, "hi": hi, "resolved": lo > 0 or hi < 0, "n": c.n, "seeds": len(d),
+            "m": m}
 
 
 def _delta_cell(d: Optional[dict]) -> str:
@@ -150,8 +155,9 @@ def table4(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], li
         for t in tasks:
             row[TASK_LABELS.get(t, t)] = _cell(*arm_score(recs, t))
         row["Avg"] = _cell(*arm_score(recs))
-        for ref in ("hydralora", "lora"):
-            row[f"Δ vs {ARMS[ref]}"] = "–" if preset == ref else _delta_cell(arm_difference(recs, arms.get(ref, [])))
+        for ref in ("hydralora", "lora"):  # every other arm against one reference: a family of comparisons
+            m = sum(1 for p in ARMS if p != ref and arms.get(p))
+            row[f"Δ vs {ARMS[ref]}"] = "–" if preset == ref else _delta_cell(arm_difference(recs, arms.get(ref, []), m))
         row["head cos"] = _cell(*_mean_std([r["head_cos"] for r in recs]), scale=1.0, digits=3) \
             if any(r["head_cos"] is not None for r in recs) else "– (1 head)"
         rows.append(row)
@@ -295,7 +301,9 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
              tables[0].read_text().rstrip(), "",
              "*BoolQ stands in for QQP, which is not available offline. Accuracy is the training loop's held-out "
              "evaluation at the last step (log-likelihood choice among the task's answers). Δ columns: paired "
-             "difference in points with its 95 % interval (examples and seeds); n.r. = not resolved.", "",
+             "difference in points (examples and seeds) with a 95 % interval that holds jointly over the column's "
+             "comparisons against the same reference (Bonferroni); n.r. = not resolved. The claims below are the "
+             "paper's, each tested once, with a 95 % interval.", "",
              "## The paper's claims at this size", "", *[f"- {c}" for c in claims(arms)], "",
              "## What the paper reports, and what this run measured", "",
              "| quantity | paper | measured here |", "|---|---|---|",

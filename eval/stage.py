@@ -22,12 +22,11 @@ from typing import Any, Optional
 
 from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
 
+from pipeline.sweep import PostSweepError
+from pipeline.tracking import base_model_run
+
 SIG_TAG = "rlora.eval.signature"
 ROUND_TAG = "rlora.eval.round"
-ROLE_TAG = "rlora.eval_role"
-
-
-from pipeline.sweep import PostSweepError
 
 
 class EvalStageError(PostSweepError):
@@ -95,20 +94,7 @@ def select_trials(client, parent, metric: str, mode: str, top_k: int, done=_tune
 
 
 def _base_run(tracker, parent, model: str) -> str:
-    found = tracker.client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.`{ROLE_TAG}` = 'base'",
-        max_results=1)
-    if found:
-        return found[0].info.run_id
-    from pipeline.tracking import Tracker
-
-    t = Tracker(tracker.tracking_uri)
-    exp_name = tracker.client.get_experiment(parent.info.experiment_id).name
-    rid = t.start_run(exp_name, "base-model", {"model": model}, tags={ROLE_TAG: "base"},
-                      parent_run_id=parent.info.run_id)
-    t.finish("FINISHED")
-    return rid
+    return base_model_run(tracker.client, parent.info.run_id, model)
 
 
 def _register(client, name: str, run, scores: dict[str, float], metric: str, tracking_uri: str) -> str:
@@ -301,35 +287,38 @@ def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str,
 
 
 def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
-    """Per task family, each model's paired difference (on the questions both answered) to the
-    base model and to the best trial (the first non-base model: targets are ranked by the sweep's
-    objective), with 95 % paired-bootstrap intervals."""
-    from pipeline.stats import paired_compare
+    """Per task family, each model's paired difference (on the questions all of the family's models
+    answered) to the base model and to the best trial (the first non-base model: targets are
+    ranked by the sweep's objective, on data that is not these questions), with simultaneous 95 %
+    intervals per family of comparisons (``pipeline.stats.compare_family``: every trial vs the
+    base model, every other trial vs the best)."""
+    from pipeline.stats import compare_family
     from pipeline.tracking import run_examples
 
     tables = {name: run_examples(client, rid, "lmeval").get("lmeval") for name, rid in models}
-    trials = [name for name, _ in models if name != "base"]
-    refs = [("base", "base")] + ([("best", trials[0])] if trials else [])
-    out = []
-    for name, table in tables.items():
-        if table is None or name == "base":
-            continue
-        for family in sorted({t.split("/")[0] for t in table["task"]}):
-            row = {"model": name, "family": family}
-            for label, ref in refs:
-                other = tables.get(ref)
-                if ref == name or other is None:
-                    continue
-                sub = lambda t: t[t["task"].str.startswith(family + "/")]  # noqa: E731
-                c = paired_compare(sub(table), sub(other), "correct", by_task=False)
+    tables = {k: t for k, t in tables.items() if t is not None}
+    trials = [name for name, _ in models if name != "base" and name in tables]
+    families = sorted({t.split("/")[0] for name in trials for t in tables[name]["task"]})
+    rows = {(name, fam): {"model": name, "family": fam} for fam in families for name in trials}
+    for fam in families:
+        sub = {k: t[t["task"].str.startswith(fam + "/")] for k, t in tables.items()}
+        sub = {k: t for k, t in sub.items() if len(t)}
+        members = [k for k in trials if k in sub]
+        refs = [("base", "base", members)]
+        if members:
+            refs.append(("best", members[0], members[1:]))
+        for label, ref, others in refs:
+            if ref not in sub or not others:
+                continue
+            for name, c in compare_family(sub[ref], {k: sub[k] for k in others}, "correct", by_task=False).items():
                 if c.n == 0:
                     continue
+                row = rows[(name, fam)]
                 row[f"Δ vs {label}"] = f"{100 * c.delta:+.1f} [{100 * c.lo:+.1f}, {100 * c.hi:+.1f}]"
                 row[f"resolved vs {label}"] = "yes" if c.resolved else "no"
                 row[f"sentence vs {label}"] = c.sentence(name, ref)
                 row["n"] = c.n
-            out.append(row)
-    return out
+    return [rows[(name, fam)] for name in trials for fam in families if len(rows[(name, fam)]) > 2]
 
 
 def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path,
@@ -345,8 +334,11 @@ def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: li
         cols = ["model", "family", "n", "Δ vs base", "resolved vs base", "Δ vs best", "resolved vs best"]
         cols = [c for c in cols if any(c in r for r in paired)]
         files += list(write_table(paired, cols, out_dir, "comparison_paired"))
-        note = ["", "Differences in points (×100), paired over the questions both models answered, 95 % "
-                "paired-bootstrap interval; 'no' = not resolved at this sample size.", ""]
+        note = ["", "Differences in points (×100), paired over the questions the family's models all answered; "
+                "simultaneous 95 % intervals per task family and reference (max-t bootstrap over every trial vs "
+                "the base model, and over every other trial vs the best); 'no' = not resolved at this sample size. "
+                "The trials were chosen on the sweep's selection split; a heldout_* family draws on the same "
+                "held-out pool and is not independent of that choice.", ""]
         note += [f"- {r[k]}" for r in paired for k in ("sentence vs base", "sentence vs best") if k in r]
         md = files[0]
         md.write_text(md.read_text() + "\n" + files[3].read_text() + "\n".join(note) + "\n")

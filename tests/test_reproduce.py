@@ -72,10 +72,15 @@ def test_reproduce_writes_table4_head_cosine_and_grad_norms(tmp_path, tiny_model
     d = (m["correct_r"] - m["correct_h"]).groupby(m["task"])
     delta = d.mean().mean()
     se = math.sqrt((d.var(ddof=1) / d.size()).sum()) / 2
-    lo, hi = delta - 1.959963984540054 * se, delta + 1.959963984540054 * se
-    resolved = lo > 0 or hi < 0
-    expect = f"{100 * delta:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("" if resolved else " n.r.")
+    # the table's interval holds jointly over the other arms compared with HydraLoRA (Bonferroni's z)
+    from scipy.stats import norm
+
+    crit = norm.ppf(1 - 0.05 / (2 * (len(cells) - 1)))
+    lo, hi = delta - crit * se, delta + crit * se
+    expect = f"{100 * delta:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" + ("" if lo > 0 or hi < 0 else " n.r.")
     assert cells["R-LoRA"]["Δ vs HydraLoRA"] == expect and cells["HydraLoRA"]["Δ vs HydraLoRA"] == "–"
+    lo, hi = delta - 1.959963984540054 * se, delta + 1.959963984540054 * se  # the paper's claim: tested once
+    resolved = lo > 0 or hi < 0
     verdict = "reproduced" if resolved and delta > 0 else ("contradicted" if resolved else "not resolved at this size")
     assert "Better multi-task accuracy than HydraLoRA" in report and f"**{verdict}**" in report
     assert f"R-LoRA − HydraLoRA = {100 * delta:+.1f} points" in report
