@@ -12,6 +12,10 @@ confirmation split only measures it.
 Two families of comparisons, each with simultaneous intervals (``pipeline.stats.compare_family``):
 every other confirmed trial against the best (m = k − 1) and every confirmed trial against the base
 model (m = k). "Resolved" means the family's interval excludes 0.
+
+``family_claims`` is the pure computation (also what ``benchmarks.claims`` simulates);
+``compare_trials`` reads a sweep's per-example tables from MLflow, runs it and fills the trials
+table's cells.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.stats import Comparison, compare_family, paired_compare
+from pipeline.stats import Comparison, compare_family, display_scale, objective_column, paired_compare, score_table
 
 SELECTION, CONFIRMATION = "selection", "confirmation"
 
@@ -76,3 +80,67 @@ def family_claims(order: list[str], tables: dict, base=None, value: str = "corre
         out.vs_base = {k: paired_compare(t, base, value, n_boot, seed) for k, t in trials.items()} \
             if base is not None else {}
     return out
+
+
+def _delta_cells(c, scale: float) -> tuple[str, str]:
+    """A paired comparison as two table cells: ``Δ [lo, hi]`` and whether it is resolved."""
+    return f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]", "yes" if c.resolved else "no"
+
+
+def confirm_metric(metric: str) -> str:
+    """The confirmation split's name for an objective: ``eval/mean_acc`` -> ``confirm/mean_acc``."""
+    return "confirm/" + metric.split("/", 1)[-1]
+
+
+def compare_trials(ranked: list[dict], metric: str, client, base=None, base_confirm=None):
+    """The sweep's claims (``pipeline.claims``) about the trials in ``ranked`` (best first by the
+    selection split): on the confirmation split where the trials have one (``confirm`` tables,
+    ``base_confirm`` for the base model), else on the selection split (``heldout``, ``base``),
+    labelled as such. Adds to the rows the confirmation score (``confirm/<metric>`` ± se),
+    ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
+    each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
+    from pipeline.reports import BASE_COL, DELTA_COL
+    from pipeline.tracking import run_examples
+
+    col = objective_column(metric)
+    if col is None or not ranked:
+        return None, None, None
+
+    def tables(kind: str) -> dict:
+        found = {row["trial_id"]: run_examples(client, row["mlflow_run"], kind).get(kind)
+                 for row in ranked if row.get("mlflow_run")}
+        return {k: t for k, t in found.items() if t is not None}
+
+    order = [row["trial_id"] for row in ranked]
+    confirm = tables("confirm")
+    if confirm:
+        claims = family_claims(order, confirm, base_confirm, col, CONFIRMATION)
+        cm = confirm_metric(metric)
+        for row in ranked:
+            if row["trial_id"] in confirm:
+                score = score_table(confirm[row["trial_id"]], col)[1]
+                row[cm], row[f"{cm}_stderr"] = score.mean, score.se
+    else:  # trials without a confirmation split (data.confirm_per_task 0, or trained by an earlier version)
+        claims = family_claims(order, tables("heldout"), base, col, SELECTION)
+    scale, unit = display_scale(col)
+    for row in ranked:
+        c = claims.vs_best.get(row["trial_id"])
+        if c is not None:
+            row[DELTA_COL], row["resolved"] = _delta_cells(c, scale)
+        c = claims.vs_base.get(row["trial_id"])
+        if c is not None:
+            row[BASE_COL], row["vs base resolved"] = _delta_cells(c, scale)
+    verdict, vs_base = claims.sentences(scale, unit)
+    return verdict, vs_base, claims
+
+
+def claims_note(claims) -> str:
+    """What the Δ columns are measured on and how their intervals are adjusted, in one line."""
+    if claims is None:
+        return ""
+    split = ("the confirmation split (examples disjoint from the ones that ranked the trials)"
+             if claims.split == "confirmation" else
+             "the selection split (the same examples ranked the trials, so the best one's lead is biased upwards)")
+    fam = [f"{len(d)} vs {what}" for d, what in ((claims.vs_best, "the best"), (claims.vs_base, "the base model")) if d]
+    return (f"Δ columns: {split}; max-t simultaneous 95 % intervals per family of comparisons "
+            f"({', '.join(fam) or 'none'}); 'resolved' = the family's interval excludes 0.")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import timeline
+from pipeline.claims import claims_note, compare_trials, confirm_metric
 from pipeline.config import ConfigError, RunConfig, SweepConfig, load_sweep_config, set_path
 
 STATE_FILE = "sweep_state.json"
@@ -457,72 +458,6 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
             base.log_metrics(metrics, step=0)
             _log_examples(base, confirmed, 0, "confirm")
     return found, confirmed
-
-
-def _delta_cells(c, scale: float) -> tuple[str, str]:
-    """A paired comparison as two table cells: ``Δ [lo, hi]`` and whether it is resolved."""
-    return f"{scale * c.delta:+.1f} [{scale * c.lo:+.1f}, {scale * c.hi:+.1f}]", "yes" if c.resolved else "no"
-
-
-def confirm_metric(metric: str) -> str:
-    """The confirmation split's name for an objective: ``eval/mean_acc`` -> ``confirm/mean_acc``."""
-    return "confirm/" + metric.split("/", 1)[-1]
-
-
-def compare_trials(ranked: list[dict], metric: str, client, base=None, base_confirm=None):
-    """The sweep's claims (``pipeline.claims``) about the trials in ``ranked`` (best first by the
-    selection split): on the confirmation split where the trials have one (``confirm`` tables,
-    ``base_confirm`` for the base model), else on the selection split (``heldout``, ``base``),
-    labelled as such. Adds to the rows the confirmation score (``confirm/<metric>`` ± se),
-    ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
-    each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
-    from pipeline.claims import CONFIRMATION, SELECTION, family_claims
-    from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.stats import display_scale, objective_column, score_table
-    from pipeline.tracking import run_examples
-
-    col = objective_column(metric)
-    if col is None or not ranked:
-        return None, None, None
-
-    def tables(kind: str) -> dict:
-        found = {row["trial_id"]: run_examples(client, row["mlflow_run"], kind).get(kind)
-                 for row in ranked if row.get("mlflow_run")}
-        return {k: t for k, t in found.items() if t is not None}
-
-    order = [row["trial_id"] for row in ranked]
-    confirm = tables("confirm")
-    if confirm:
-        claims = family_claims(order, confirm, base_confirm, col, CONFIRMATION)
-        cm = confirm_metric(metric)
-        for row in ranked:
-            if row["trial_id"] in confirm:
-                score = score_table(confirm[row["trial_id"]], col)[1]
-                row[cm], row[f"{cm}_stderr"] = score.mean, score.se
-    else:  # trials without a confirmation split (data.confirm_per_task 0, or trained by an earlier version)
-        claims = family_claims(order, tables("heldout"), base, col, SELECTION)
-    scale, unit = display_scale(col)
-    for row in ranked:
-        c = claims.vs_best.get(row["trial_id"])
-        if c is not None:
-            row[DELTA_COL], row["resolved"] = _delta_cells(c, scale)
-        c = claims.vs_base.get(row["trial_id"])
-        if c is not None:
-            row[BASE_COL], row["vs base resolved"] = _delta_cells(c, scale)
-    verdict, vs_base = claims.sentences(scale, unit)
-    return verdict, vs_base, claims
-
-
-def claims_note(claims) -> str:
-    """What the Δ columns are measured on and how their intervals are adjusted, in one line."""
-    if claims is None:
-        return ""
-    split = ("the confirmation split (examples disjoint from the ones that ranked the trials)"
-             if claims.split == "confirmation" else
-             "the selection split (the same examples ranked the trials, so the best one's lead is biased upwards)")
-    fam = [f"{len(d)} vs {what}" for d, what in ((claims.vs_best, "the best"), (claims.vs_base, "the base model")) if d]
-    return (f"Δ columns: {split}; max-t simultaneous 95 % intervals per family of comparisons "
-            f"({', '.join(fam) or 'none'}); 'resolved' = the family's interval excludes 0.")
 
 
 TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials answer differently (measured)

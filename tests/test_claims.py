@@ -111,3 +111,80 @@ def test_one_example_or_a_handful_of_identical_differences_is_never_resolved():
                                                                  "b": table(np.zeros(n), tasks=1)}, by_task=False)
         assert fam["a"].delta == 1.0 and fam["a"].resolved is resolved, n
         assert stats.paired_compare(table(np.ones(n), tasks=1), table(np.zeros(n), tasks=1)).resolved is resolved
+
+
+def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(tmp_path):
+    """Known per-example outcomes in a real MLflow store: trial a is 20 of 40 better than the base
+    model, trial b 2 of 40; the table says so (signs, values, resolved) and the closing sentences
+    name the best trial against the runner-up and against the base model, on the selection split
+    when the trials have no confirmation split, labelled as such."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline.reports import BASE_COL, DELTA_COL
+    from pipeline.stats import compare_family, examples_file, save_examples
+    from pipeline.claims import compare_trials
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+
+    def table(n_right):
+        return pd.DataFrame({"task": ["t"] * 40, "example_id": list(range(40)),
+                             "correct": [1.0 if i < n_right else 0.0 for i in range(40)],
+                             "gold_logprob": [-1.0] * 40, "margin": [0.0] * 40})
+
+    base = table(10)
+    rows = []
+    for trial, right in (("a", 30), ("b", 12)):
+        run = client.create_run(exp).info.run_id
+        client.log_artifact(run, str(save_examples(table(right), tmp_path / trial / examples_file("heldout", 8))),
+                            "examples")
+        rows.append({"trial_id": trial, "mlflow_run": run})
+    verdict, vs_base, claims = compare_trials(rows, "eval/mean_acc", client, base)
+    assert claims.split == "selection"
+    a, b = rows
+    assert a[BASE_COL].startswith("+50.0 [") and a["vs base resolved"] == "yes"
+    assert b[BASE_COL].startswith("+5.0 [") and b["vs base resolved"] == "no"
+    assert b[DELTA_COL].startswith("-45.0 [") and b["resolved"] == "yes" and DELTA_COL not in a
+    assert verdict.startswith("the best trial (a) is better than the runner-up (b) on the selection split (Δ = +45.0")
+    c = compare_family(base, {"a": table(30), "b": table(12)})["a"]  # two trials vs the base model: a family of 2
+    assert c.m == 2 and vs_base == c.sentence("the best trial (a)", "the base model on the selection split")
+    assert "simultaneous 95 % CI over 2 comparisons" in vs_base
+    assert compare_trials(rows, "eval/mean_acc", client)[1] is None  # no base table: no base column
+
+
+def test_claims_come_from_the_confirmation_split_where_the_trials_have_one(tmp_path):
+    """The selection split says trial a beats b by 45 points; on the confirmation split they are
+    equal and both 25 points above the base model: the verdicts, the Δ columns and the
+    confirmation score column follow the confirmation split, and the best stays the trial the
+    selection split chose."""
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from pipeline.reports import BASE_COL, DELTA_COL
+    from pipeline.stats import examples_file, save_examples
+    from pipeline.claims import compare_trials
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+
+    def table(n_right, n=40):
+        return pd.DataFrame({"task": ["t"] * n, "example_id": [f"{n}-{i}" for i in range(n)],
+                             "correct": [1.0 if i < n_right else 0.0 for i in range(n)],
+                             "gold_logprob": [-1.0] * n, "margin": [0.0] * n})
+
+    rows = []
+    for trial, sel, conf in (("a", 30, 70), ("b", 12, 70)):
+        run = client.create_run(exp).info.run_id
+        for kind, t in (("heldout", table(sel)), ("confirm", table(conf, 100))):
+            client.log_artifact(run, str(save_examples(t, tmp_path / trial / examples_file(kind, 8))), "examples")
+        rows.append({"trial_id": trial, "mlflow_run": run})
+    verdict, vs_base, claims = compare_trials(rows, "eval/mean_acc", client, table(10), table(45, 100))
+    a, b = rows
+    assert claims.split == "confirmation" and claims.best == "a"
+    assert a["confirm/mean_acc"] == pytest.approx(0.7) and a["confirm/mean_acc_stderr"] > 0
+    assert b[DELTA_COL].startswith("+0.0 [") and b["resolved"] == "no"
+    assert a[BASE_COL].startswith("+25.0 [") and a["vs base resolved"] == "yes"
+    assert verdict.startswith("the best trial (a) is not distinguishable from the runner-up (b) on the "
+                              "confirmation split (Δ = +0.0 points")
+    assert vs_base.startswith("the best trial (a) is better than the base model on the confirmation split (Δ = +25.0")
