@@ -34,6 +34,7 @@ class Claims:
     split: str  # which split the comparisons use
     vs_best: dict[str, Comparison] = field(default_factory=dict)  # trial − best, for every trial but the best
     vs_base: dict[str, Comparison] = field(default_factory=dict)  # trial − base model
+    note: str = ""  # why a family is missing or the split is not the one asked for
 
     @property
     def best(self) -> Optional[str]:
@@ -52,10 +53,10 @@ class Claims:
         on = f"on the {self.split} split"
         second = self.best_vs_runner_up()
         verdict = second.sentence(f"the best trial ({self.best})", f"the runner-up ({self.order[1]}) {on}", scale,
-                                  unit) if second is not None else None
+                                  unit) if second is not None and second.n else None
         base = self.vs_base.get(self.best) if self.best else None
         vs_base = base.sentence(f"the best trial ({self.best})", f"the base model {on}", scale, unit) \
-            if base is not None else None
+            if base is not None and base.n else None
         return verdict, vs_base
 
 
@@ -113,22 +114,28 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None, base_conf
 
     order = [row["trial_id"] for row in ranked]
     confirm = tables("confirm")
-    if confirm:
+    cm = confirm_metric(metric)
+    for row in ranked:
+        if row["trial_id"] in confirm:
+            logged = client.get_run(row["mlflow_run"]).data.metrics  # with tune.seeds: se over seeds and examples
+            score = score_table(confirm[row["trial_id"]], col)[1]
+            row[cm] = logged.get(cm, score.mean)
+            row[f"{cm}_stderr"] = logged.get(f"{cm}_stderr", score.se)
+    if order[0] in confirm:
         claims = family_claims(order, confirm, base_confirm, col, CONFIRMATION)
-        cm = confirm_metric(metric)
-        for row in ranked:
-            if row["trial_id"] in confirm:
-                score = score_table(confirm[row["trial_id"]], col)[1]
-                row[cm], row[f"{cm}_stderr"] = score.mean, score.se
-    else:  # trials without a confirmation split (data.confirm_per_task 0, or trained by an earlier version)
+        if base is not None and base_confirm is None:
+            claims.note = "the base model has no confirmation score, so no difference to it is claimed"
+    else:  # the best has no confirmation split (data.confirm_per_task 0, or trained by an earlier version)
         claims = family_claims(order, tables("heldout"), base, col, SELECTION)
+        if confirm:
+            claims.note = f"the best trial has no confirmation score, {len(confirm)} other trial(s) do"
     scale, unit = display_scale(col)
     for row in ranked:
         c = claims.vs_best.get(row["trial_id"])
-        if c is not None:
+        if c is not None and c.n:
             row[DELTA_COL], row["resolved"] = _delta_cells(c, scale)
         c = claims.vs_base.get(row["trial_id"])
-        if c is not None:
+        if c is not None and c.n:
             row[BASE_COL], row["vs base resolved"] = _delta_cells(c, scale)
     verdict, vs_base = claims.sentences(scale, unit)
     return verdict, vs_base, claims
@@ -143,4 +150,5 @@ def claims_note(claims) -> str:
              "the selection split (the same examples ranked the trials, so the best one's lead is biased upwards)")
     fam = [f"{len(d)} vs {what}" for d, what in ((claims.vs_best, "the best"), (claims.vs_base, "the base model")) if d]
     return (f"Δ columns: {split}; max-t simultaneous 95 % intervals per family of comparisons "
-            f"({', '.join(fam) or 'none'}); 'resolved' = the family's interval excludes 0.")
+            f"({', '.join(fam) or 'none'}); 'resolved' = the family's interval excludes 0."
+            + (f" Note: {claims.note}." if claims.note else ""))

@@ -33,6 +33,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 Z95 = 1.959963984540054
+FEW_DISCORDANT = 10  # below this many discordant pairs McNemar's exact test decides "resolved"
 EXAMPLE_COLUMNS = ("task", "example_id", "correct", "gold_logprob", "margin")
 # what a per-example column is called as a score: correct -> acc; margin / gold_logprob as themselves
 VALUE_NAMES = {"correct": "acc", "margin": "margin", "gold_logprob": "gold_logprob"}
@@ -115,13 +116,16 @@ class Comparison:
     value: str = "correct"
     m: int = 1  # comparisons in the family the interval is simultaneous over (compare_family)
     p_adjusted: Optional[float] = None  # max-t adjusted p-value of the family (None: m = 1)
+    discordant: Optional[int] = None  # examples one got right and the other wrong (0/1 outcomes)
 
     @property
     def resolved(self) -> bool:
-        """The interval excludes 0; where every paired difference is the same (se 0, a degenerate
-        interval), only if McNemar's exact test also rejects (one example is never evidence)."""
+        """The interval excludes 0. With fewer than ``FEW_DISCORDANT`` examples on which the two
+        disagree (0/1 outcomes), a bootstrap interval is too coarse to trust (three examples can
+        give [+33, +100]): there McNemar's exact test decides, at 5 % / m."""
         excluded = self.n > 1 and (self.lo > 0 or self.hi < 0)
-        if excluded and not self.se > 0 and self.p_mcnemar is not None:
+        if excluded and self.p_mcnemar is not None and self.discordant is not None \
+                and self.discordant < FEW_DISCORDANT:
             return self.p_mcnemar < 0.05 / max(1, self.m)
         return excluded
 
@@ -150,7 +154,7 @@ class Comparison:
     def flipped(self) -> "Comparison":
         """b − a instead of a − b (McNemar's test is symmetric)."""
         return Comparison(0.0 - self.delta, self.se, 0.0 - self.hi, 0.0 - self.lo, self.n, self.n_tasks, self.p_mcnemar,
-                          self.value, self.m, self.p_adjusted)
+                          self.value, self.m, self.p_adjusted, self.discordant)
 
 
 def _paired(a, b, value: str):
@@ -195,11 +199,12 @@ def paired_compare(a, b, value: str = "correct", n_boot: int = 10_000, seed: int
         boot += d[idx].mean(axis=1)
     boot /= len(groups)
     lo, hi = (float(v) for v in np.percentile(boot, [2.5, 97.5]))
-    p = None
+    p = disc = None
     if value == "correct":
         av, bv = m["correct_a"].to_numpy(), m["correct_b"].to_numpy()
-        p = mcnemar_p(int(((av > 0.5) & (bv < 0.5)).sum()), int(((av < 0.5) & (bv > 0.5)).sum()))
-    return Comparison(delta, se, lo, hi, len(m), len(groups), p, value)
+        n01, n10 = int(((av > 0.5) & (bv < 0.5)).sum()), int(((av < 0.5) & (bv > 0.5)).sum())
+        p, disc = mcnemar_p(n01, n10), n01 + n10
+    return Comparison(delta, se, lo, hi, len(m), len(groups), p, value, discordant=disc)
 
 
 def _family_groups(ref, others: dict, value: str, by_task: bool):
@@ -258,11 +263,12 @@ def compare_family(ref, others: dict, value: str = "correct", n_boot: int = 10_0
     for j, name in enumerate(names):
         lo, hi = float(delta[j] - crit * se[j]), float(delta[j] + crit * se[j])
         p_adj = float((t_max >= t_obs[j]).mean()) if se[j] > 0 else 1.0
-        p = None
+        p = disc = None
         if value == "correct":
             d = np.concatenate([g[:, j] for g in groups])
-            p = mcnemar_p(int((d > 0.5).sum()), int((d < -0.5).sum()))
-        out[name] = Comparison(float(delta[j]), float(se[j]), lo, hi, n, T, p, value, len(names), p_adj)
+            n01, n10 = int((d > 0.5).sum()), int((d < -0.5).sum())
+            p, disc = mcnemar_p(n01, n10), n01 + n10
+        out[name] = Comparison(float(delta[j]), float(se[j]), lo, hi, n, T, p, value, len(names), p_adj, disc)
     return out
 
 

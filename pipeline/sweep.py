@@ -340,7 +340,10 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=(None, N
           and row["status"] != "ERROR"]
     sign = -1.0 if cfg.tune.mode == "max" else 1.0  # ties broken by trial id, as the eval stage does
     ok.sort(key=lambda row: (sign * row[cfg.tune.metric], str(row["trial_id"])))
-    best = ok[0] if ok else None
+    # the best is a trial that ran every step (what the eval stage scores and registers), where there is one:
+    # a trial ASHA stopped is ranked by an earlier step's score and has no adapter or confirmation score
+    best = next((row for row in ok if row["status"] == "DONE"), ok[0] if ok else None)
+    ok = [best] + [row for row in ok if row is not best] if best else ok
     verdict, vs_base, claims = compare_trials(ok, cfg.tune.metric, tracker.client, *base)
     out = sweep_dir / "report"
     out.mkdir(exist_ok=True)
@@ -464,7 +467,7 @@ TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials an
 
 
 def precision_note(cfg: SweepConfig) -> str:
-    """What standard error the sweep's settings give its objective, said before it starts."""
+    """What standard error the sweep's settings give its objective and its claims, said before it starts."""
     from pipeline.data import resolve_tasks
     from pipeline.stats import expected_se, objective_column
 
@@ -473,34 +476,43 @@ def precision_note(cfg: SweepConfig) -> str:
     se = expected_se(n, n_tasks)
     col = objective_column(cfg.tune.metric)
     if col == "correct":
-        what = (f"a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points (paired comparisons "
-                "at the end say which differences between trials are resolved)")
+        what = f"a mean accuracy near 0.6 has a standard error of about {100 * se:.1f} points"
     elif col is None:  # e.g. a generative task's eval/<task>/answer_nll: no per-example table to pair
         what = (f"each trial logs its standard error as {cfg.tune.metric}_stderr; there is no paired test for "
                 "this objective: read differences under about two standard errors as not resolved")
     else:
         what = "paired comparisons at the end say which differences between trials are resolved"
-    nc = cfg.base.data.confirm_per_task or 0
-    if col is not None and nc:
-        from pipeline.stats import family_crit, paired_se
-
-        m = max(1, expected_trials(cfg) - 1)
-        pse = paired_se(nc, n_tasks, TRIAL_DISAGREEMENT)
-        scale, unit = (100.0, "points") if col == "correct" else (1.0, "nats")
-        confirm = (f"; the claims at the end come from a confirmation split of {n_tasks} x {nc} other examples, "
-                   f"scored once per finished trial and for the base model: a paired difference between two "
-                   f"trials there has a standard error of about {scale * pse:.1f} {unit} (when they disagree on "
-                   f"{100 * TRIAL_DISAGREEMENT:.0f} % of examples), and with up to {m} comparison{'s' if m > 1 else ''} against the best "
-                   f"a difference of about {scale * (family_crit(m) + 0.84) * pse:.1f} {unit} is resolved with 80 % power"
-                   if col == "correct" else f"; the claims at the end come from a confirmation split of "
-                   f"{n_tasks} x {nc} other examples")
-    else:
-        confirm = "; no confirmation split (base.data.confirm_per_task 0): the claims at the end are made on the " \
-                  "same examples that ranked the trials" if col is not None else ""
     return (f"objective {cfg.tune.metric}: {n_tasks} task(s) x {n} held-out examples = {n_tasks * n}, the same "
-            f"for every trial (the selection split); {what}{confirm}"
+            f"for every trial (the selection split); {what}" + (confirm_note(cfg) if col is not None else "")
             + (f"; every configuration runs {cfg.tune.seeds} seeds and is ranked by the mean over seeds, whose "
                f"standard error also counts the spread between seeds" if cfg.tune.seeds > 1 else ""))
+
+
+def confirm_note(cfg: SweepConfig) -> str:
+    """The confirmation split as it will be (choice tasks only, capped by what each task's held-out
+    pool has left after the selection split), and what a paired difference there can resolve."""
+    from collections import Counter
+
+    from pipeline.batching import confirmation_examples
+    from pipeline.stats import family_crit, objective_column, paired_se
+
+    per_task = Counter(e.task for e in confirmation_examples(cfg.base.data))
+    if not per_task:
+        return ("; no confirmation split (base.data.confirm_per_task 0, or no choice task has held-out examples "
+                "left): the claims at the end are made on the same examples that ranked the trials")
+    sizes = sorted(set(per_task.values()))
+    size = f"{len(per_task)} x {sizes[0]}" if len(sizes) == 1 else \
+        ", ".join(f"{t} {k}" for t, k in sorted(per_task.items()))
+    out = (f"; the claims at the end come from a confirmation split of {size} other examples, scored once per "
+           "finished trial and for the base model")
+    if objective_column(cfg.tune.metric) != "correct":
+        return out
+    m = max(1, expected_trials(cfg) - 1)
+    pse = paired_se(min(per_task.values()), len(per_task), TRIAL_DISAGREEMENT)
+    return (out + f": a paired difference between two trials there has a standard error of about {100 * pse:.1f} "
+            f"points (when they disagree on {100 * TRIAL_DISAGREEMENT:.0f} % of examples), and with up to {m} "
+            f"comparison{'s' if m > 1 else ''} against the best a difference of about "
+            f"{100 * (family_crit(m) + 0.84) * pse:.1f} points is resolved with 80 % power")
 
 
 QUIET_WORKERS = {"TQDM_DISABLE": "1"}  # lm-eval's and transformers' progress bars off inside workers

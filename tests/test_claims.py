@@ -106,6 +106,10 @@ def test_the_confirmation_split_is_disjoint_from_the_selection_split_and_trainin
 def test_one_example_or_a_handful_of_identical_differences_is_never_resolved():
     """A task family with one question (or four, all won by the same model): the interval has no
     width, and an exact test of so few discordant pairs cannot reject; only enough of them can."""
+    # and a family where two models each win 2 of 3 questions: a bootstrap interval of [+33, +100]
+    fam = stats.compare_family(table([0, 0, 1], tasks=1), {"a": table([1, 1, 1], tasks=1), "b": table([1, 1, 1], tasks=1)},
+                               by_task=False)
+    assert fam["a"].delta == pytest.approx(2 / 3) and not fam["a"].resolved and fam["a"].discordant == 2
     for n, resolved in ((1, False), (4, False), (12, True)):
         fam = stats.compare_family(table(np.zeros(n), tasks=1), {"a": table(np.ones(n), tasks=1),
                                                                  "b": table(np.zeros(n), tasks=1)}, by_task=False)
@@ -174,7 +178,7 @@ def test_claims_come_from_the_confirmation_split_where_the_trials_have_one(tmp_p
                              "gold_logprob": [-1.0] * n, "margin": [0.0] * n})
 
     rows = []
-    for trial, sel, conf in (("a", 30, 70), ("b", 12, 70)):
+    for trial, sel, conf in (("a", 30, 70), ("b", 12, 75)):
         run = client.create_run(exp).info.run_id
         for kind, t in (("heldout", table(sel)), ("confirm", table(conf, 100))):
             client.log_artifact(run, str(save_examples(t, tmp_path / trial / examples_file(kind, 8))), "examples")
@@ -183,8 +187,73 @@ def test_claims_come_from_the_confirmation_split_where_the_trials_have_one(tmp_p
     a, b = rows
     assert claims.split == "confirmation" and claims.best == "a"
     assert a["confirm/mean_acc"] == pytest.approx(0.7) and a["confirm/mean_acc_stderr"] > 0
-    assert b[DELTA_COL].startswith("+0.0 [") and b["resolved"] == "no"
+    assert b[DELTA_COL].startswith("+5.0 [") and b["resolved"] == "no"  # b − the best, on the confirmation split
     assert a[BASE_COL].startswith("+25.0 [") and a["vs base resolved"] == "yes"
     assert verdict.startswith("the best trial (a) is not distinguishable from the runner-up (b) on the "
-                              "confirmation split (Δ = +0.0 points")
+                              "confirmation split (Δ = -5.0 points")
     assert vs_base.startswith("the best trial (a) is better than the base model on the confirmation split (Δ = +25.0")
+
+
+def test_a_best_trial_without_a_confirmation_score_makes_its_claims_on_the_selection_split_and_says_why(tmp_path):
+    """Trials of a sweep resumed after an upgrade: the best has only its selection table, the
+    runner-up both. The claims stay about the best (the trial the sweep reports), on the
+    selection split, with a note saying why."""
+    from mlflow import MlflowClient
+
+    from pipeline.claims import claims_note, compare_trials
+    from pipeline.stats import examples_file, save_examples
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+    rows = []
+    for trial, kinds in (("a", ("heldout",)), ("b", ("heldout", "confirm"))):
+        run = client.create_run(exp).info.run_id
+        for k in kinds:
+            t = table(np.arange(40) < (30 if trial == "a" else 20))
+            client.log_artifact(run, str(save_examples(t, tmp_path / trial / k / examples_file(k, 8))), "examples")
+        rows.append({"trial_id": trial, "mlflow_run": run})
+    verdict, _, claims = compare_trials(rows, "eval/mean_acc", client)
+    assert claims.split == "selection" and claims.best == "a" and list(claims.vs_best) == ["b"]
+    assert verdict.startswith("the best trial (a) is better than the runner-up (b) on the selection split (Δ = +25.0")
+    note = claims_note(claims)
+    assert "the selection split (the same examples ranked the trials" in note
+    assert "the best trial has no confirmation score, 1 other trial(s) do" in note
+
+
+def test_the_eval_stage_claims_each_trial_against_the_base_and_the_best_per_family_but_none_on_heldout(tmp_path):
+    """Three models' lm-eval tables in a real store, one family where the best trial has no
+    questions: trial − base and trial − best per family, with the family's size in each sentence;
+    a family the best did not answer gets no "vs best" claim (the runner-up is not the best);
+    the heldout family (the pool the trials were ranked on) gets none at all."""
+    from mlflow import MlflowClient
+
+    from eval.stage import paired_rows
+    from pipeline.stats import examples_file, save_examples
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+
+    def lmeval(right: dict):
+        frames = []
+        for fam, k in right.items():
+            frames.append(pd.DataFrame({"task": [f"{fam}/sub"] * 60, "example_id": [f"{fam}{i}" for i in range(60)],
+                                        "correct": (np.arange(60) < k).astype(float), "gold_logprob": 0.0,
+                                        "margin": 0.0}))
+        return pd.concat(frames, ignore_index=True)
+
+    models = []
+    for name, right in (("base", {"mmlu": 15, "bbh": 15, "heldout": 10}), ("t1", {"mmlu": 45, "heldout": 50}),
+                        ("t2", {"mmlu": 20, "bbh": 45, "heldout": 55}), ("t3", {"bbh": 30})):
+        run = client.create_run(exp).info.run_id
+        client.log_artifact(run, str(save_examples(lmeval(right), tmp_path / name / examples_file("lmeval", 1))),
+                            "examples")
+        models.append((name, run))
+    rows = {(r["model"], r["family"]): r for r in paired_rows(client, models)}
+    assert set(rows) == {("t1", "mmlu"), ("t2", "mmlu"), ("t2", "bbh"), ("t3", "bbh")}  # nothing on heldout
+    assert rows[("t1", "mmlu")]["Δ vs base"].startswith("+50.0 [") and rows[("t1", "mmlu")]["resolved vs base"] == "yes"
+    assert rows[("t2", "mmlu")]["Δ vs best"].startswith("-41.7 [") and rows[("t2", "mmlu")]["resolved vs best"] == "yes"
+    assert "95 % CI [" in rows[("t2", "mmlu")]["sentence vs best"]  # t2 alone vs the best on mmlu: a family of one
+    # t1, the best, answered no bbh question: t2 and t3 are compared with the base model only
+    assert not any("Δ vs best" in rows[(t, "bbh")] for t in ("t2", "t3"))
+    assert rows[("t2", "bbh")]["Δ vs base"].startswith("+50.0 [") and rows[("t3", "bbh")]["Δ vs base"].startswith("+25.0 [")
+    assert "over 2 comparisons" in rows[("t1", "mmlu")]["sentence vs base"]  # t1 and t2 vs the base on mmlu

@@ -251,6 +251,7 @@ def test_smoke_sweep_records_the_parent_and_every_trial_in_mlflow(smoke):
     assert parent.data.params["best.adapter.num_heads"] == best.data.params["adapter.num_heads"]
     assert parent.data.metrics["sweep/trials"] == 3
     assert parent.data.metrics["sweep/best_eval_mean_acc_stderr"] == pytest.approx(best.data.metrics["eval/mean_acc_stderr"])
+    assert parent.data.metrics["sweep/best_confirm_mean_acc"] == pytest.approx(best.data.metrics["confirm/mean_acc"])
     # each trial's start-up is the sum of its phases before the first step (pipeline.timeline); the
     # sweep reports their median, and the first trial to start apart from the median of the later ones
     import statistics
@@ -357,6 +358,15 @@ def test_the_base_model_row_is_a_scoring_done_here_and_each_trial_is_paired_with
             assert f"the base model on the confirmation split (Δ = {100 * delta:+.1f} points" in smoke.proc.stdout
             assert parent.data.tags["rlora.best_vs_base"].startswith(f"the best trial ({c.data.tags['rlora.trial_id']})")
     assert parent.data.tags["rlora.claims_split"] == "confirmation"
+    # the resolved claims the parent lists are exactly the table's "yes" cells, each with its direction
+    best_id = smoke.ranked[0].data.tags["rlora.trial_id"]
+    listed = set(filter(None, parent.data.tags["rlora.claims_resolved"].split(",")))
+    shown = set()
+    for _, r in csv.iterrows():
+        for col, ref, ok in (("Δ vs best (95% CI)", best_id, "resolved"), ("Δ vs base (95% CI)", "base", "vs base resolved")):
+            if r.get(ok) == "yes":
+                shown.add(f"{r['trial_id']}{'>' if r[col].startswith('+') else '<'}{ref}")
+    assert listed == shown
 
 
 EVAL_KEYS = ["bbh/avg", "bbh/navigate", "bbh/word_sorting", "mmlu/avg", "mmlu/stem", "mmlu/humanities",
@@ -619,6 +629,15 @@ def test_seeds_rank_each_configuration_by_its_mean_and_a_diverging_one_fails_alo
         se_examples = math.sqrt((per_task.var(ddof=1) / per_task.size()).sum()) / 2
         se_seeds = abs(vals[0] - vals[1]) / 2  # sd of two values / sqrt(2)
         assert m["eval/mean_acc_stderr"] == pytest.approx(math.sqrt(se_seeds ** 2 + se_examples ** 2))
+        # the confirmation split, averaged over seeds the same way (its own examples, disjoint from these)
+        confirms = [c.data.metrics["confirm/mean_acc"] for c in seeds]
+        assert m["confirm/mean_acc"] == pytest.approx(sum(confirms) / 2)
+        cavg = heldout_table(client, trial.info.run_id, 4, tmp_path / ("c" + trial.info.run_id), "confirm")
+        assert len(cavg) == 12 and not set(cavg["example_id"]) & set(avg["example_id"])
+        per_task = cavg.groupby("task")["correct"]
+        se_examples = math.sqrt((per_task.var(ddof=1) / per_task.size()).sum()) / 2
+        se_seeds = abs(confirms[0] - confirms[1]) / 2
+        assert m["confirm/mean_acc_stderr"] == pytest.approx(math.sqrt(se_seeds ** 2 + se_examples ** 2))
         assert "adapter" in {a.path for a in client.list_artifacts(trial.info.run_id)}
     chosen = next(c for c in trials.values() if c.info.run_id == parents[0].data.tags["best_run"])
     assert chosen.data.metrics["eval/mean_acc"] == max(c.data.metrics["eval/mean_acc"] for c in trials.values())
