@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
 
+from pipeline.claims import confirm_metric
 from pipeline.sweep import PostSweepError
 from pipeline.tracking import base_model_run
 
@@ -104,6 +105,9 @@ def _register(client, name: str, run, scores: dict[str, float], metric: str, tra
 
     tags = {k: f"{v:.4f}" for k, v in headline(scores).items()}
     tags.update({"trial_id": run.data.tags.get("rlora.trial_id", ""), metric: f"{run.data.metrics.get(metric, float('nan')):.4f}"})
+    confirm = confirm_metric(metric)  # the score that measures it, beside the one that chose it
+    if confirm in run.data.metrics:
+        tags[confirm] = f"{run.data.metrics[confirm]:.4f}"
     existing = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")
     if existing:
         version = existing[0].version
@@ -209,9 +213,12 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     registry = ev.registry_name or f"rlora-{sweep_name}"
     versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric, tracking_uri)
                 for name, run in targets if name != "base" and name in scores}
+    confirm = confirm_metric(metric)
     rows = [{"model": name, "run_id": run.info.run_id,
              metric: run.data.metrics.get(metric) if name != "base" else None,
              f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
+             confirm: client.get_run(run.info.run_id).data.metrics.get(confirm),
+             f"{confirm}_stderr": client.get_run(run.info.run_id).data.metrics.get(f"{confirm}_stderr"),
              **adapter_cells(run.data.params),
              **{p: run.data.params.get(p, run.data.tags.get("rlora.adapter") if p == "adapter" else None)
                 for p in params},
@@ -220,7 +227,8 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
             for name, run in targets if name in scores]
     keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
     paired = paired_rows(client, [(name, run.info.run_id) for name, run in targets if name in scores])
-    files = _write_comparison(rows, keys, metric, params, Path(out_dir), paired)
+    files = _write_comparison(rows, keys, metric, params, Path(out_dir), paired,
+                              confirm if any(r.get(confirm) is not None for r in rows) else None)
     for f in files:
         tracker.log_artifact(f, "eval")
     tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
@@ -322,14 +330,14 @@ def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
 
 
 def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path,
-                      paired: Optional[list[dict]] = None) -> list[Path]:
+                      paired: Optional[list[dict]] = None, confirm: Optional[str] = None) -> list[Path]:
     """comparison.{md,csv,html} (every headline score as x ± se), comparison_paired.{md,csv,html}
     (paired differences to the base model and to the best trial) and comparison.png."""
     from pipeline.reports import AB_COL, PCT_COL, write_table
 
     adapter_cols = [c for c in (PCT_COL, AB_COL) if any(r.get(c) is not None for r in rows)]
-    files = list(write_table(rows, ["model", metric, *adapter_cols, *params, *keys, "registry_version", "run_id"],
-                             out_dir, "comparison"))
+    files = list(write_table(rows, ["model", metric, *([confirm] if confirm else []), *adapter_cols, *params, *keys,
+                                    "registry_version", "run_id"], out_dir, "comparison"))
     if paired:
         cols = ["model", "family", "n", "Δ vs base", "resolved vs base", "Δ vs best", "resolved vs best"]
         cols = [c for c in cols if any(c in r for r in paired)]

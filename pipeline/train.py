@@ -390,6 +390,8 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
                 if tracker and ctable is not None:
                     tracker.log_metrics(confirm, step=step, model_id=loop_config.get("model_id"))
                     _log_examples(tracker, ctable, step, "confirm")
+                if rank == 0:  # scoring is the loop's work, not start-up or idle time
+                    metrics["time/loop_s"] = time.perf_counter() - t_loop
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
         metrics["time/at/report"] = time.time()
         if rank == 0 and do_ckpt:

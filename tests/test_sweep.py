@@ -428,6 +428,11 @@ def test_the_eval_stage_scores_every_model_with_standard_errors_and_registers_ev
     main_table = table.split("\n\n")[0].strip().splitlines()
     assert len(main_table) == 2 + 4 and "| base |" in table  # header, rule, base + 3 trials
     assert " ± " in main_table[2]  # scores with their standard errors
+    import pandas as pd  # each model's confirmation score beside the selection score that chose it
+
+    cmp = pd.read_csv(client.download_artifacts(parent.info.run_id, "eval/comparison.csv", str(smoke.tmp / "cmp")))
+    for _, r in cmp.iterrows():
+        assert r["confirm/mean_acc"] == pytest.approx(client.get_run(r["run_id"]).data.metrics["confirm/mean_acc"])
     assert "Δ vs base" in table
     assert any(w in table for w in ("not distinguishable", "better than", "worse than"))
 
