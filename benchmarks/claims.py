@@ -28,6 +28,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -69,14 +70,18 @@ def _ranked(tables: dict) -> list[str]:
     return sorted(score, key=lambda k: (-score[k], k))
 
 
-def false_claims(rng, d: Design) -> tuple[bool, bool]:
-    """(before, after): whether a sweep of equally good trials called a difference resolved."""
+def false_claims(rng, d: Design, before: bool = True) -> tuple[Optional[bool], bool]:
+    """(before, after): whether a sweep of equally good trials called a difference resolved (before:
+    None where not computed)."""
     zero = np.zeros(d.trials)
     sel = _split(rng, d, d.selection_per_task, zero)
     order = _ranked(sel)
-    before = family_claims(order, sel, split=SELECTION, simultaneous=False, n_boot=d.n_boot)
-    after = family_claims(order, _split(rng, d, d.confirm_per_task, zero), n_boot=d.n_boot)
-    return any(c.resolved for c in before.vs_best.values()), any(c.resolved for c in after.vs_best.values())
+    conf = _split(rng, d, d.confirm_per_task, zero)
+    after = family_claims(order, conf, n_boot=d.n_boot)
+    if not before:
+        return None, any(c.resolved for c in after.vs_best.values())
+    old = family_claims(order, sel, split=SELECTION, simultaneous=False, n_boot=d.n_boot)
+    return any(c.resolved for c in old.vs_best.values()), any(c.resolved for c in after.vs_best.values())
 
 
 def truth(shift: float, draws: int = 2_000_000, seed: int = 1) -> tuple[float, float]:
@@ -103,18 +108,20 @@ def rate(hits: int, n: int) -> dict:
     return {"rate": p, "se": math.sqrt(p * (1 - p) / n), "n": n}
 
 
-def simulate(sweeps: int, d: Design, shift: float = 0.10, seed: int = 0) -> dict:
+def simulate(sweeps: int, d: Design, shift: float = 0.10, seed: int = 0, before_sweeps: Optional[int] = None) -> dict:
+    """``before_sweeps``: how many of the sweeps also run the old rule (default: all)."""
     rng = np.random.default_rng(seed)
+    n_before = sweeps if before_sweeps is None else min(before_sweeps, sweeps)
     before = after = 0
-    for _ in range(sweeps):
-        b, a = false_claims(rng, d)
-        before, after = before + b, after + a
+    for i in range(sweeps):
+        b, a = false_claims(rng, d, before=i < n_before)
+        before, after = before + bool(b), after + a
     delta, sd = truth(shift)
     se = sd / math.sqrt(d.tasks * d.confirm_per_task)
     found = sum(detected(rng, Design(2, d.tasks, d.selection_per_task, d.confirm_per_task, d.n_boot), shift)
                 for _ in range(sweeps))
     return {"design": asdict(d), "sweeps": sweeps,
-            "false_resolution_before": rate(before, sweeps), "false_resolution_after": rate(after, sweeps),
+            "false_resolution_before": rate(before, n_before), "false_resolution_after": rate(after, sweeps),
             "power": {"true_delta": delta, "expected_se": se, "stated": power(delta, se, Z95), **rate(found, sweeps)}}
 
 

@@ -23,11 +23,11 @@ def table(correct, tasks=5):
 @pytest.mark.slow
 def test_a_sweep_of_equally_good_trials_calls_a_difference_resolved_in_at_most_5_percent_of_sweeps(capsys):
     """300 simulated sweeps of six equally good trials (seeded): picking the best and comparing it
-    on the same examples with a 95 % interval each (the old summary) calls some difference
-    resolved in far more than 5 % of sweeps; the confirmation split's simultaneous intervals in at
+    on the same examples with a 95 % interval each (the old summary; 100 of the sweeps) calls some
+    difference resolved in far more than 5 % of sweeps; the confirmation split's simultaneous intervals in at
     most about 5 % (binomial tolerance: two standard errors of 300 sweeps). And a real difference
     is found as often as the power ``pipeline.stats.power`` states for it."""
-    r = simulate(300, Design())
+    r = simulate(300, Design(), before_sweeps=100)
     before, after, pw = r["false_resolution_before"], r["false_resolution_after"], r["power"]
     with capsys.disabled():
         print(f"\nfalse 'resolved': before {100 * before['rate']:.1f} ± {100 * before['se']:.1f} %, after "
