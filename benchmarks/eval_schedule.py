@@ -1,7 +1,7 @@
 """Eval-stage wall time: whole models vs (model, task family) units on the same workers.
 
-The eval stage used to give each Ray actor one whole model (every task family); it now queues
-(model, family) units. With 3 models on 2 workers the whole-model schedule ends with one worker
+The eval stage queues (model, task family) units on its Ray actors rather than giving each actor
+one whole model (every task family). With 3 models on 2 workers the whole-model schedule ends with one worker
 scoring the last model alone. This benchmark runs both schedules through the same
 ``eval.harness.evaluate_jobs`` at equal settings (the sweep YAML's eval section, its model and
 its adapter config; ``--limit`` scales the question counts down) and reports, per schedule, the

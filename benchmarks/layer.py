@@ -201,7 +201,7 @@ def summarize(rows):
         "loop_ax_over_fused_overhead_N5": {"min": min(r["loop_ax_over_fused_overhead"] for r in n5),
                                            "geomean": gm(r["loop_ax_over_fused_overhead"] for r in n5)} if n5 else None,
         "fused_mem_vs_peft_Nr": {"max": max(r["fused_mem_vs_peft_Nr"] for r in rows)},
-        # issue 15's target: fused / frozen base <= 1.10 on every row with d >= 1536 and N <= 5
+        # the fused layer's target: fused / frozen base <= 1.10 on every row with d >= 1536 and N <= 5
         "fused_vs_base_d1536plus_N5orless": {
             "max": max((r["fused_vs_base"] for r in rows if r["d"] >= 1536 and r["N"] <= 5), default=None),
             "floor_max": max((r["floor_vs_base"] for r in rows if r["d"] >= 1536 and r["N"] <= 5), default=None)},

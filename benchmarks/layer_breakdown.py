@@ -1,4 +1,4 @@
-"""Where the fused layer's time over the frozen projection goes (issue 15, item 3).
+"""Where the fused layer's time over the frozen projection goes.
 
 For each row (d, tokens, N, r) it
   1. times the frozen base and the fused layer forward+backward *interleaved* (base, fused,

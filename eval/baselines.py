@@ -38,7 +38,7 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
     tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
     row every other one is compared with)."""
-    from eval.reproduce import seed_record, sweep_trials
+    from eval.arms import seed_record, sweep_trials
 
     trials = [t for t in sweep_trials(client, parent_run_id) if t.data.tags.get("rlora.adapter")]
     labels = [t.data.tags["rlora.adapter"] for t in trials]
@@ -61,7 +61,7 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
 
 def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict], Optional[str]]:
     """(columns, rows, the reference label): rows sorted by macro accuracy, best first."""
-    from eval.reproduce import TASK_LABELS, _cell, _delta_cell, arm_difference, arm_score
+    from eval.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell
 
     refs = [label for label, recs in arms.items() if any(r["reference"] for r in recs)]
     ref = refs[0] if len(refs) == 1 else None  # several R-LoRA shapes: no single reference
@@ -72,9 +72,9 @@ def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], lis
         mem = [r["peak_mem_gb"] for r in recs if r.get("peak_mem_gb") is not None]
         mean, se = arm_score(recs)
         row = {"adapter": label, "seeds": len(recs),
-               **{TASK_LABELS.get(t, t): _cell(*arm_score(recs, t)) for t in tasks},
-               "Avg": _cell(mean, se), "_avg": mean if mean is not None else float("-inf"),
-               "Δ vs R-LoRA": "–" if ref is None or label == ref else _delta_cell(arm_difference(recs, arms[ref],
+               **{TASK_LABELS.get(t, t): cell(*arm_score(recs, t)) for t in tasks},
+               "Avg": cell(mean, se), "_avg": mean if mean is not None else float("-inf"),
+               "Δ vs R-LoRA": "–" if ref is None or label == ref else delta_cell(arm_difference(recs, arms[ref],
                                                                                                  len(arms) - 1)),
                "% params": f"{statistics.fmean(pct):.3g}" if pct else "–",
                "A/B": recs[0]["ab"] if recs[0]["ab"] not in (None, "None") else "–",

@@ -28,7 +28,7 @@ STDERR_BOOTSTRAP_ITERS = 1000
 @dataclass(frozen=True)
 class EvalSettings:
     model: str = "smollm2-135m-instruct"
-    tasks: tuple[str, ...] = ("rlora_bbh", "rlora_mmlu")  # lm-eval names (see eval.run.resolve_tasks)
+    tasks: tuple[str, ...] = ("rlora_bbh", "rlora_mmlu")  # lm-eval names (see eval.task_names.resolve_tasks)
     limit: Optional[float] = None
     num_fewshot: Optional[int] = None
     batch_size: int = 16
@@ -128,7 +128,7 @@ class Evaluator:
 
     def _score(self, adapter_dir: Optional[str], settings: Optional[EvalSettings] = None):
         """(scores with their standard errors, questions per task, per-question table)."""
-        from eval.run import flatten_scores, lmeval_examples
+        from eval.results import flatten_scores, lmeval_examples
 
         res = self.run(adapter_dir, log_samples=True, settings=settings)
         n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from eval.arms import (TASK_LABELS, arm_difference, arm_score, cell, delta_cell, mean_std, seed_record,
+                       seeds_mean_se, sweep_trials)
+
 ARMS = {  # preset -> row label, in the paper's order
     "lora": "LoRA",
     "hydralora": "HydraLoRA",
@@ -35,47 +38,9 @@ ARMS = {  # preset -> row label, in the paper's order
     "hydralora+init": "+ multi-head random init",
     "rlora": "R-LoRA",
 }
-TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ*", "qqp": "QQP"}
 PAPER = {"HydraLoRA avg (Qwen2.5-0.5B, Table 4)": 72.69, "R-LoRA avg (Qwen2.5-0.5B, Table 4)": 73.59,
          "head cosine HydraLoRA (Fig. 2/5)": "≈ 0.8", "head cosine R-LoRA (Fig. 2/5)": "< 0.7"}
 EARLY_STEPS = 20
-
-
-def _mean_std(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
-
-
-def _mean_se(xs: list[float]) -> tuple[Optional[float], Optional[float]]:
-    """Mean over seeds and its standard error sd/√K (None from a single seed)."""
-    m, sd = _mean_std(xs)
-    return m, (None if sd is None else sd / math.sqrt(len(xs)))
-
-
-def _cell(m: Optional[float], s: Optional[float], scale: float = 100.0, digits: int = 1) -> str:
-    if m is None:
-        return "–"
-    return f"{m * scale:.{digits}f}" + ("" if s is None else f" ± {s * scale:.{digits}f}")
-
-
-def sweep_trials(client, parent_run_id: str) -> list:
-    """The sweep's finished trial runs (its direct children with a trial id)."""
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=1000)
-    return [r for r in runs if r.data.tags.get("rlora.trial_id") and r.info.status == "FINISHED"]
-
-
-def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
-    """One seed's held-out results: per-example table, per-task and macro accuracy, its seed."""
-    from pipeline.tracking import run_examples
-
-    m = run.data.metrics
-    return {"examples": run_examples(client, run.info.run_id, "heldout").get("heldout"),
-            "run_id": run.info.run_id, "seed": run.data.params.get("train.seed"),
-            "acc": {t: m.get(f"eval/{t}/acc") for t in tasks}, "mean_acc": m.get("eval/mean_acc")}
 
 
 def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
@@ -95,56 +60,6 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     return arms
 
 
-def _seed_avg(recs: list[dict]):
-    """Per-example outcomes averaged over an arm's seeds (examples every seed scored)."""
-    from pipeline.stats import seed_average
-
-    return seed_average([r.get("examples") for r in recs])
-
-
-def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[float], Optional[float]]:
-    """(mean over seeds, standard error over seeds and examples) of an arm's accuracy on one task
-    or (task None) on the macro average."""
-    from pipeline.stats import seed_mean_se
-
-    per_seed = [r["acc"][task] if task else r["mean_acc"] for r in recs]
-    per_seed = [x for x in per_seed if x is not None]
-    if not per_seed:
-        return None, None
-    mean, se = seed_mean_se(per_seed, _seed_avg(recs), task=task)
-    return mean, (None if math.isnan(se) else se)
-
-
-def arm_difference(a: list[dict], b: list[dict], m: int = 1) -> Optional[dict]:
-    """Arm a − arm b on the macro accuracy: paired over examples (seed-averaged outcomes) and over
-    seeds (per-seed differences, seeds matched by value). None without per-example tables. ``m``: the
-    comparisons made against the same reference; the interval holds jointly over them (Bonferroni,
-    ``pipeline.stats.family_crit``), so "resolved" is wrong for at most 5 % of families."""
-    from pipeline.stats import family_crit, paired_compare
-
-    ta, tb = _seed_avg(a), _seed_avg(b)
-    if ta is None or tb is None:
-        return None
-    c = paired_compare(ta, tb, "correct")
-    if c.n == 0:
-        return None
-    sb = {r["seed"]: r["mean_acc"] for r in b}
-    d = [r["mean_acc"] - sb[r["seed"]] for r in a if r["seed"] in sb and r["mean_acc"] is not None]
-    var_seed = statistics.variance(d) / len(d) if len(d) > 1 else 0.0
-    se = math.sqrt(c.se ** 2 + var_seed)
-    delta = statistics.fmean(d) if d else c.delta
-    crit = family_crit(m)
-    lo, hi = delta - crit * se, delta + crit * se
-    return {"delta": delta, "se": se, "lo": lo, "hi": hi, "resolved": lo > 0 or hi < 0, "n": c.n, "seeds": len(d),
-            "m": m}
-
-
-def _delta_cell(d: Optional[dict]) -> str:
-    if d is None:
-        return "–"
-    return f"{100 * d['delta']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" + ("" if d["resolved"] else " n.r.")
-
-
 def table4(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict]]:
     rows = []
     for preset, label in ARMS.items():
@@ -153,12 +68,12 @@ def table4(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], li
             continue
         row = {"method": label, "seeds": len(recs)}
         for t in tasks:
-            row[TASK_LABELS.get(t, t)] = _cell(*arm_score(recs, t))
-        row["Avg"] = _cell(*arm_score(recs))
+            row[TASK_LABELS.get(t, t)] = cell(*arm_score(recs, t))
+        row["Avg"] = cell(*arm_score(recs))
         for ref in ("hydralora", "lora"):  # every other arm against one reference: a family of comparisons
             m = sum(1 for p in ARMS if p != ref and arms.get(p))
-            row[f"Δ vs {ARMS[ref]}"] = "–" if preset == ref else _delta_cell(arm_difference(recs, arms.get(ref, []), m))
-        row["head cos"] = _cell(*_mean_std([r["head_cos"] for r in recs]), scale=1.0, digits=3) \
+            row[f"Δ vs {ARMS[ref]}"] = "–" if preset == ref else delta_cell(arm_difference(recs, arms.get(ref, []), m))
+        row["head cos"] = cell(*mean_std([r["head_cos"] for r in recs]), scale=1.0, digits=3) \
             if any(r["head_cos"] is not None for r in recs) else "– (1 head)"
         rows.append(row)
     cols = ["method", "seeds", *[TASK_LABELS.get(t, t) for t in tasks], "Avg", "Δ vs HydraLoRA", "Δ vs LoRA",
@@ -215,7 +130,7 @@ def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
 
     labels, means, stds = [], [], []
     for preset, label in ARMS.items():
-        m, s = _mean_std([r["head_cos"] for r in arms.get(preset, [])])
+        m, s = mean_std([r["head_cos"] for r in arms.get(preset, [])])
         if m is not None:
             labels.append(label)
             means.append(m)
@@ -272,7 +187,7 @@ def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str,
         recs = arms.get(preset, [])
         step1 = [v for r in recs for s, v in r["grad_norm"] if s == 1]
         early = [statistics.fmean(vs) for r in recs if (vs := [v for s, v in r["grad_norm"] if s <= first])]
-        out[label] = {"step1": _mean_se(step1), "early": _mean_se(early)}
+        out[label] = {"step1": seeds_mean_se(step1), "early": seeds_mean_se(early)}
     return out
 
 
@@ -291,7 +206,7 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
     tables = write_table(rows, cols, out_dir, "table4")
     figs = [plot_head_cos(arms, out_dir / "head_cosine.png"), plot_grad_norms(arms, out_dir / "early_grad_norms.png")]
     grads = early_grad_summary(arms)
-    cos_se = {p: _mean_se([r["head_cos"] for r in arms.get(p, []) if r["head_cos"] is not None])
+    cos_se = {p: seeds_mean_se([r["head_cos"] for r in arms.get(p, []) if r["head_cos"] is not None])
               for p in ("hydralora", "rlora")}
     hyd, rl = cos_se["hydralora"][0], cos_se["rlora"][0]
     avg = {p: arm_score(arms[p]) for p in ARMS if arms.get(p)}
@@ -308,9 +223,9 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
              "## What the paper reports, and what this run measured", "",
              "| quantity | paper | measured here |", "|---|---|---|",
              f"| Avg, HydraLoRA → R-LoRA | 72.69 → 73.59 (Qwen2.5-0.5B) | "
-             f"{_cell(*avg.get('hydralora', (None, None)))} → {_cell(*avg.get('rlora', (None, None)))} |",
-             f"| head cosine, HydraLoRA | ≈ 0.8 | {_cell(*cos_se['hydralora'], scale=1, digits=3)} |",
-             f"| head cosine, R-LoRA | < 0.7 | {_cell(*cos_se['rlora'], scale=1, digits=3)} |", ""]
+             f"{cell(*avg.get('hydralora', (None, None)))} → {cell(*avg.get('rlora', (None, None)))} |",
+             f"| head cosine, HydraLoRA | ≈ 0.8 | {cell(*cos_se['hydralora'], scale=1, digits=3)} |",
+             f"| head cosine, R-LoRA | < 0.7 | {cell(*cos_se['rlora'], scale=1, digits=3)} |", ""]
     verdict = []
     if hyd is not None and rl is not None:
         verdict.append(f"Head similarity: R-LoRA {'<' if rl < hyd else '≥'} HydraLoRA ({rl:.3f} vs {hyd:.3f}); "
@@ -318,7 +233,7 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
                        f"{'is' if abs(hyd - 0.8) <= 0.1 else 'is not'} within 0.1 of the paper's 0.8.")
     lines += verdict + ["", "## Early gradient norms (adapter parameters, before clipping; mean ± standard "
                         "error over seeds)", "", "| method | step 1 | mean of steps 1–5 |", "|---|---|---|"]
-    lines += [f"| {k} | {_cell(*g['step1'], scale=1, digits=2)} | {_cell(*g['early'], scale=1, digits=2)} |"
+    lines += [f"| {k} | {cell(*g['step1'], scale=1, digits=2)} | {cell(*g['early'], scale=1, digits=2)} |"
               for k, g in grads.items()]
     lines += ["", "![head cosine](head_cosine.png)", "", "![early gradient norms](early_grad_norms.png)", ""]
     report = out_dir / "report.md"

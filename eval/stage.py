@@ -23,7 +23,7 @@ from typing import Any, Optional
 from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
 
 from pipeline.claims import confirm_metric
-from pipeline.sweep import PostSweepError
+from pipeline.stages import PostSweepError
 from pipeline.tracking import base_model_run
 
 SIG_TAG = "rlora.eval.signature"
@@ -36,7 +36,7 @@ class EvalStageError(PostSweepError):
 
 def headline(scores: dict[str, float]) -> dict[str, float]:
     """The scores worth a column: family averages, MMLU categories, held-out accuracies."""
-    from eval.run import CATEGORY_GROUPS
+    from pipeline.eval_names import CATEGORY_GROUPS
 
     keep = {k for k in scores if not k.endswith("_stderr") and (
         k.endswith("/avg") or k.startswith("heldout/")
@@ -47,7 +47,7 @@ def headline(scores: dict[str, float]) -> dict[str, float]:
 
 def settings_from(ev, model: str, precision: str = "fp32") -> EvalSettings:
     """The settings of the whole stage (its signature decides whether a run is already scored)."""
-    from eval.run import resolve_tasks
+    from eval.task_names import resolve_tasks
 
     limit = tuple(sorted(ev.limit.items())) if isinstance(ev.limit, dict) else ev.limit
     return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=limit,
@@ -59,7 +59,7 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
     """One EvalSettings per task family, with that family's limit: the units the workers share."""
     from dataclasses import replace
 
-    from eval.run import resolve_tasks
+    from eval.task_names import resolve_tasks
 
     whole = settings_from(ev, model, precision)
     return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
@@ -92,10 +92,6 @@ def select_trials(client, parent, metric: str, mode: str, top_k: int, done=_tune
         if _has_adapter(client, r.info.run_id):
             chosen.append(r)
     return chosen
-
-
-def _base_run(tracker, parent, model: str) -> str:
-    return base_model_run(tracker.client, parent.info.run_id, model)
 
 
 def _register(client, name: str, run, scores: dict[str, float], metric: str, tracking_uri: str) -> str:
@@ -162,11 +158,11 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
 def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path, tail=None) -> dict[str, Any]:
     """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished
     (``tail``: what it started in the sweep's tail, ``eval.tail``)."""
-    from pipeline.train import _use_gpu
+    from pipeline.train import use_gpu_for
 
     return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
                           cfg.name, list(cfg.search), out_dir, precision=cfg.base.train.precision,
-                          use_gpu=_use_gpu(cfg.base.scaling.use_gpu), tail=tail)
+                          use_gpu=use_gpu_for(cfg.base.scaling.use_gpu), tail=tail)
 
 
 def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
@@ -187,7 +183,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
         raise EvalStageError(f"sweep {parent_run_id}: no finished trial with an adapter to evaluate")
     targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
     if ev.include_base:
-        targets.insert(0, ("base", client.get_run(_base_run(tracker, parent, model))))
+        targets.insert(0, ("base", client.get_run(base_model_run(client, parent_run_id, model))))
     # started in the sweep's tail (eval.tail); a trial it started that the stage did not select is left out
     in_tail = {name for name, _ in targets} & (tail.names() if tail is not None else set())
     units = unit_settings(ev, model, precision)
@@ -199,7 +195,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     run_jobs = functools.partial(evaluate_jobs, settings, max_workers=ev.max_workers, cpus_per_worker=ev.cpus_per_worker,
                                  gpus_per_worker=ev.gpus_per_worker, use_gpu=use_gpu, progress=progress)
     results = merge_results(run_jobs(jobs))
-    scores.update(_log_results(results, settings, tracking_uri, client))
+    scores.update(log_results(results, settings, tracking_uri, client))
     if in_tail:  # what the tail scored is read back from its runs; what it did not finish is scored now
         tail.wait()
         late = [(name, client.get_run(run.info.run_id)) for name, run in targets if name in in_tail]
@@ -208,7 +204,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
         if retry:
             print(f"eval stage: {len({j.name for j in retry})} model(s) the tail did not finish, scored now", flush=True)
             more = merge_results(run_jobs(retry))
-            scores.update(_log_results(more, settings, tracking_uri, client))
+            scores.update(log_results(more, settings, tracking_uri, client))
             results += more
     registry = ev.registry_name or f"rlora-{sweep_name}"
     versions = {name: _register(client, registry, client.get_run(run.info.run_id), scores[name], metric, tracking_uri)
@@ -265,7 +261,7 @@ def jobs_for(targets: list[tuple[str, Any]], units: list[EvalSettings], sig: str
     return jobs, scores
 
 
-def _log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
+def log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
     """Scores onto each job's run, at the next eval round (a new setting is a new point, never a
     duplicate); a failed job gets its error as a tag. Returns the scores by job name."""
     from pipeline.tracking import MODEL_ID_TAG, Tracker
@@ -357,6 +353,6 @@ def _write_comparison(rows: list[dict], keys: list[str], metric: str, params: li
 
 
 def _is_eval_metric(key: str) -> bool:
-    from eval.run import FAMILIES
+    from pipeline.eval_names import FAMILIES
 
     return key.split("/")[0] in (*FAMILIES, "heldout")

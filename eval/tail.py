@@ -21,8 +21,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from eval.harness import evaluate_jobs, merge_results
-from eval.stage import _base_run, _log_results, jobs_for, select_trials, settings_from, unit_settings
+from eval.stage import jobs_for, log_results, select_trials, settings_from, unit_settings
 from pipeline.tail import pending_placement_groups
+from pipeline.tracking import base_model_run
 
 SETTLED = ("FINISHED", "FAILED", "KILLED")  # a trial run in any other state may still change the ranking
 
@@ -48,14 +49,14 @@ class TailEval:
 
     def __init__(self, cfg, parent_run_id: str, tracking_uri: str):
         from pipeline.sweep import expected_trials
-        from pipeline.train import _use_gpu
+        from pipeline.train import use_gpu_for
 
         self.cfg, self.parent_run_id, self.uri = cfg, parent_run_id, tracking_uri
         self.expected = expected_trials(cfg)
         precision = cfg.base.train.precision
         self.settings = settings_from(cfg.eval, cfg.base.model, precision)
         self.units = unit_settings(cfg.eval, cfg.base.model, precision)
-        self.use_gpu = _use_gpu(cfg.base.scaling.use_gpu)
+        self.use_gpu = use_gpu_for(cfg.base.scaling.use_gpu)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="eval-tail")
         self.futures: dict[str, Future] = {}
         self.stop = threading.Event()
@@ -80,7 +81,7 @@ class TailEval:
         parent = client.get_run(self.parent_run_id)
         targets: list[tuple[str, Any]] = []
         if ev.include_base and "base" not in self.futures:
-            targets.append(("base", client.get_run(_base_run(tracker, parent, self.cfg.base.model))))
+            targets.append(("base", client.get_run(base_model_run(client, self.parent_run_id, self.cfg.base.model))))
         for r in certain_trials(client, parent, self.cfg.tune.metric, self.cfg.tune.mode, ev.top_k, self.expected):
             if r.data.tags["rlora.trial_id"] not in self.futures:
                 targets.append((r.data.tags["rlora.trial_id"], r))
@@ -102,7 +103,7 @@ class TailEval:
                                               cpus_per_worker=ev.cpus_per_worker, gpus_per_worker=ev.gpus_per_worker,
                                               use_gpu=self.use_gpu, progress=False, stop=self.stop))
         ok = [r for r in results if not r["error"]]  # failed or cancelled: the stage after the sweep retries
-        _log_results(ok, self.settings, self.uri, MlflowClient(tracking_uri=self.uri))
+        log_results(ok, self.settings, self.uri, MlflowClient(tracking_uri=self.uri))
         for r in ok:
             self._scored[r["name"]] = time.time() - self.t0
         bad = [f"{r['name']} ({r['error'].splitlines()[0][:120]})" for r in results if r["error"]]

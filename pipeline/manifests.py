@@ -173,3 +173,8 @@ def gpu_overrides(shape: ClusterShape, overrides: list[str]) -> list[str]:
     if shape.uses_gpus and not any(o.split("=", 1)[0].strip() == "base.scaling.use_gpu" for o in overrides):
         return [*overrides, "base.scaling.use_gpu=true"]
     return list(overrides)
+
+
+def k8s_name(name: str) -> str:
+    """A sweep's name as a Kubernetes object name (lower-case letters, digits and '-', at most 40)."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "sweep"

@@ -25,8 +25,8 @@ from typing import Optional
 
 import yaml
 
-from pipeline.manifests import (ClusterShape, ManifestError, add_cluster_args, gpu_overrides, raycronjob, rayjob,
-                                shape_from_args)
+from pipeline.manifests import (ClusterShape, ManifestError, add_cluster_args, gpu_overrides, k8s_name, raycronjob,
+                                rayjob, shape_from_args)
 from pipeline.submit import ROOT, SubmitError, config_in_project, entrypoint
 
 CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
@@ -48,10 +48,6 @@ def check_cron(expr: str) -> str:
     if len(fields) != 5 or not all(CRON_FIELD.match(f) for f in fields):
         raise ScheduleError(f"--cron: {expr!r} is not a 5-field cron expression (minute hour day month weekday)")
     return " ".join(fields)
-
-
-def k8s_name(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:40] or "sweep"
 
 
 def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: list[str], shape: ClusterShape,

@@ -146,8 +146,7 @@ def yaml_manifest(args) -> str:
     import yaml
 
     from pipeline.config import load_sweep_config
-    from pipeline.manifests import gpu_overrides, raycluster, rayjob, shape_from_args
-    from pipeline.schedule import k8s_name
+    from pipeline.manifests import gpu_overrides, k8s_name, raycluster, rayjob, shape_from_args
 
     cfg = load_sweep_config(args.config, args.overrides)
     env = runtime_env(args.tracking_uri, args.data_dir)["env_vars"]

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline import timeline
+from pipeline.base_scores import score_base
 from pipeline.claims import claims_note, compare_trials, confirm_metric
 from pipeline.config import ConfigError, RunConfig, SweepConfig, load_sweep_config, set_path
+from pipeline.stages import PostSweepError, post_sweep_stage
+from pipeline.tracking import parent_metric
 
 STATE_FILE = "sweep_state.json"
 
@@ -185,14 +188,14 @@ def concurrency(cfg: SweepConfig) -> int:
     shares when training on GPUs), how many trials' worth the cluster has; the smallest count."""
     import ray
 
-    from pipeline.train import _use_gpu, worker_resources
+    from pipeline.train import use_gpu_for, worker_resources
 
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
     sc = cfg.base.scaling
     have = ray.cluster_resources()  # trials hold no CPU themselves
     slots = []
-    for res, per_worker in worker_resources(sc, _use_gpu(sc.use_gpu)).items():
+    for res, per_worker in worker_resources(sc, use_gpu_for(sc.use_gpu)).items():
         need, avail = sc.num_workers * per_worker, have.get(res, 0)
         if need > avail + 1e-9:
             raise ConfigError(f"base.scaling: a trial needs {need:g} {res} but the cluster has {avail:g}")
@@ -240,9 +243,9 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     # the trial's own process, the trial holds what its one worker would have.
     resources = {"CPU": 0, "memory": 2**20}
     if cfg.tune.train_in_trial:
-        from pipeline.train import _use_gpu, worker_resources
+        from pipeline.train import use_gpu_for, worker_resources
 
-        resources.update(worker_resources(cfg.base.scaling, _use_gpu(cfg.base.scaling.use_gpu)))
+        resources.update(worker_resources(cfg.base.scaling, use_gpu_for(cfg.base.scaling.use_gpu)))
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     from pipeline.tune_state import save_often
 
@@ -280,7 +283,7 @@ def reuse_trial_actors(cfg: SweepConfig) -> bool:
     imports, MLflow client) runs a later trial too, saving that trial's actor start-up, unless the
     scheduler is ASHA (refused by the schema): a trial ASHA stops is still inside
     ``trainer.fit()`` when Tune would reset its actor, and with Ray 2.60 a 1-slot ASHA sweep with
-    reused actors stopped starting trials after its second (seen in the ASHA test). Without early
+    reused actors stops starting trials after its second. Without early
     stopping every trial's function has returned before its actor is reused."""
     if cfg.tune.reuse_actors is not None:
         return cfg.tune.reuse_actors
@@ -403,64 +406,6 @@ def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
     state = {"runsExpanded": {tracker.run_id: True}, "selectedColumns": columns,
              "orderByKey": ui_column("metrics", cfg.tune.metric), "orderByAsc": cfg.tune.mode == "min"}
     return tracker.share_view(experiment_id, f"sweep-{tracker.run_id[:12]}", state)
-
-
-def parent_metric(role: str, metric: str) -> str:
-    """A parent-run metric in the ``sweep/`` chart section (``sweep/best_eval_mean_acc``): the chart
-    view groups metrics by their prefix, and sections of one parent-only value each would come
-    before the trials' ``eval/...`` section that people compare."""
-    return f"sweep/{role}_{metric.replace('/', '_')}"
-
-
-def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tuple[Optional[Any], Optional[Any]]:
-    """The base model, without adapter, on the held-out examples every trial scores (the selection
-    split) and on the confirmation split: once per sweep, in the sweep's tail on a freed slot
-    (``pipeline.tail.BaseHeldOut``) or else in the driver after the trials (reused on
-    ``--resume``). The selection scores go on the parent run (``sweep/base_<objective>`` ± se and
-    the per-example table), the confirmation scores on the base model's child run
-    (``confirm/<metric>`` ± se and its table), so the summary can say whether fine-tuning helped at
-    all, with the same paired test as between trials. Returns (selection table, confirmation table)."""
-    from pipeline.batching import confirmation_examples
-    from pipeline.stats import objective_column
-    from pipeline.tracking import base_model_run, run_examples
-
-    if objective_column(cfg.tune.metric) is None:
-        return None, None
-    base_run = base_model_run(tracker.client, tracker.run_id, cfg.base.model)
-    found = run_examples(tracker.client, tracker.run_id, "heldout").get("heldout")
-    confirmed = run_examples(tracker.client, base_run, "confirm").get("confirm")
-    wants_confirm = bool(confirmation_examples(cfg.base.data))
-    if found is not None and (confirmed is not None or not wants_confirm):
-        return found, confirmed
-    import torch
-
-    from pipeline.mixture_cache import tokenised_mixture
-    from pipeline.models import load_model, resolve_model
-    from pipeline.precision import autocast, load_dtype
-    from pipeline.tracking import Tracker
-    from pipeline.train import _log_examples, evaluate, evaluate_confirmation
-
-    t0 = time.time()
-    d = cfg.base.data
-    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
-    model, tok = load_model(cfg.base.model, dtype=load_dtype(cfg.base.train.precision))
-    model.eval()
-    obj = cfg.tune.metric
-    with torch.no_grad(), autocast(cfg.base.train.precision, "cpu"):
-        if found is None:
-            mix = tokenised_mixture(d, tok, resolve_model(cfg.base.model))[0]  # the trials' (cached) mixture
-            metrics, found = evaluate(model, tok, mix.held_out, d.max_length)
-            tracker.log_metrics({parent_metric("base", k): metrics[k] for k in (obj, obj + "_stderr") if k in metrics},
-                                step=0)
-            _log_examples(tracker, found, 0)
-            print(f"base model on the held-out examples: {obj} = {metrics.get(obj, float('nan')):.4f}"
-                  f" ± {metrics.get(obj + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
-        if confirmed is None and wants_confirm:
-            metrics, confirmed = evaluate_confirmation(model, tok, d)
-            base = Tracker(tracker.tracking_uri, base_run)
-            base.log_metrics(metrics, step=0)
-            _log_examples(base, confirmed, 0, "confirm")
-    return found, confirmed
 
 
 TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials answer differently (measured)
@@ -627,25 +572,6 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
 
 
 LOG_FILE = "sweep.log"
-POST_SWEEP = "rlora_lab.post_sweep"  # entry-point group of the stage run after a sweep (pyproject.toml)
-
-
-class PostSweepError(RuntimeError):
-    """The stage after a sweep failed; the sweep itself is complete and recorded."""
-
-
-def post_sweep_stage():
-    """The eval stage, found through its entry point (``eval.stage:run_for_sweep``): the sweep runs
-    it without importing ``eval/``, which builds on ``pipeline/`` (imports go one way)."""
-    from importlib.metadata import entry_points
-
-    found = list(entry_points(group=POST_SWEEP, name="eval"))
-    if not found:
-        raise ConfigError(f"eval.enabled: no '{POST_SWEEP}' entry point named 'eval' is installed "
-                          "(pip install -e . in the project), or set eval.enabled: false")
-    return found[0].load()
-
-
 def eval_stage(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, sweep_dir: Path, tail=None) -> dict[str, Any]:
     t0 = time.time()
     stage = post_sweep_stage()

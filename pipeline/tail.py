@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-TAIL_ENTRY = "eval_tail"
+from pipeline.stages import POST_SWEEP, TAIL_ENTRY
+
 # the base model's held-out scoring starts in the tail if a trial has this long left ($RLORA_BASE_MIN_TAIL_S)
 BASE_MIN_TAIL_S = 10.0
 
@@ -24,8 +25,6 @@ BASE_MIN_TAIL_S = 10.0
 def tail_stage(cfg, parent_run_id: str, tracking_uri: str) -> Optional[Any]:
     """The eval stage's tail worker for this sweep, or None (overlap off, eval off, not installed)."""
     from importlib.metadata import entry_points
-
-    from pipeline.sweep import POST_SWEEP
 
     if not (cfg.eval.enabled and cfg.eval.overlap):
         return None
@@ -108,8 +107,8 @@ class TailStart(Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         # Tune calls this before it marks ``trial`` RUNNING: every other trial must be past PENDING.
         # Nothing is scored yet: this trial's Train worker group has still to claim its slot, and an
-        # eval actor asking at the same moment could take it (seen: the last trial's worker group
-        # timed out waiting); the tail begins at the next trial's end, or, where trials already
+        # eval actor asking at the same moment could take it (the worker group would then wait for a
+        # slot until it times out); the tail begins at the next trial's end, or, where trials already
         # ended (several at once, the last trial taking one of their slots), once this one is under way.
         self.began[trial.trial_id] = time.time()
         if not self.started and len(trials) >= self.expected_trials and all(
@@ -141,7 +140,7 @@ class TailStart(Callback):
 
 
 class BaseHeldOut:
-    """``pipeline.sweep.score_base`` as a Ray task holding one trial's resources, started in the
+    """``pipeline.base_scores.score_base`` as a Ray task holding one trial's resources, started in the
     sweep's tail. ``wait()`` before the summary; what it did not log (failure, cancel) the driver
     scores after the trials as before."""
 
@@ -178,7 +177,7 @@ class BaseHeldOut:
 
 
 def _score_base_task(cfg, tracking_uri: str, parent_run_id: str, threads: int) -> None:
-    from pipeline.sweep import score_base
+    from pipeline.base_scores import score_base
     from pipeline.tracking import Tracker
 
     score_base(cfg, Tracker(tracking_uri, parent_run_id), threads=threads)

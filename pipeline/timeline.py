@@ -45,8 +45,8 @@ def metrics(stamps: dict[str, float]) -> dict[str, float]:
 def startup_summary(runs: list[tuple[float | None, float | None]]) -> dict[str, float]:
     """A sweep's start-up figures from ``(started_at, startup_s)`` per trial (epoch s; ``None`` where
     not known): the median over all trials, the first trial to start (it builds the tokenised
-    mixture the others then read from the cache) and the median over the later ones (issue 15's
-    target). A trial without a start stamp (an older run) counts in the overall median only."""
+    mixture the others then read from the cache) and the median over the later ones (what a
+    warm sweep pays per trial). A trial without a start stamp (an older run) counts in the overall median only."""
     known = [(t, s) for t, s in runs if s is not None]
     out: dict[str, float] = {}
     if not known:

@@ -306,3 +306,10 @@ def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") 
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def parent_metric(role: str, metric: str) -> str:
+    """A parent-run metric in the ``sweep/`` chart section (``sweep/best_eval_mean_acc``): the chart
+    view groups metrics by their prefix, and sections of one parent-only value each would come
+    before the trials' ``eval/...`` section that people compare."""
+    return f"sweep/{role}_{metric.replace('/', '_')}"

@@ -104,7 +104,7 @@ def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1):
     return score_metrics(table, prefix="confirm"), table
 
 
-def _log_examples(tracker, table, step: int, kind: str = "heldout") -> None:
+def log_examples(tracker, table, step: int, kind: str = "heldout") -> None:
     if tracker is None or table is None:
         return
     from pipeline.stats import examples_file, save_examples
@@ -335,7 +335,7 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
             evals, table = evaluate(model, tok, mix.held_out, cfg.data.max_length, rank, world)
         if tracker:
             tracker.log_metrics(evals, step=0, model_id=loop_config.get("model_id"))
-            _log_examples(tracker, table, 0)
+            log_examples(tracker, table, 0)
     t_last = t_loop = time.perf_counter()
     stamps["time/at/loop"] = time.time()
     timing = {"time/setup_s": t_loop - t_enter, **loop_config.get("driver_stamps", {}), **stamps}
@@ -383,13 +383,13 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
                 tracker.log_metrics(evals, step=step, model_id=loop_config.get("model_id"))
                 peak = max(peak, peak_memory_gb(device))
                 tracker.log_metrics({"train/peak_mem_gb": peak}, step=step)
-                _log_examples(tracker, table, step)
+                log_examples(tracker, table, step)
             if final:  # the confirmation split: logged on the run, never reported to Tune
                 with autocast(precision, device):
                     confirm, ctable = evaluate_confirmation(model, tok, cfg.data, rank, world)
                 if tracker and ctable is not None:
                     tracker.log_metrics(confirm, step=step, model_id=loop_config.get("model_id"))
-                    _log_examples(tracker, ctable, step, "confirm")
+                    log_examples(tracker, ctable, step, "confirm")
                 if rank == 0:  # scoring is the loop's work, not start-up or idle time
                     metrics["time/loop_s"] = time.perf_counter() - t_loop
         metrics.setdefault("time/loop_s", time.perf_counter() - t_loop)
@@ -454,7 +454,7 @@ def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3,
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
 
 
-def _use_gpu(setting) -> bool:
+def use_gpu_for(setting) -> bool:
     if setting == "auto":
         import torch
 
@@ -503,7 +503,7 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_reachable(tracking_uri)
     model_path = resolve_model(cfg.model)
-    use_gpu = _use_gpu(cfg.scaling.use_gpu)
+    use_gpu = use_gpu_for(cfg.scaling.use_gpu)
 
     tracker = Tracker(tracking_uri)
     run_name = cfg.mlflow.run_name or cfg.adapter.label

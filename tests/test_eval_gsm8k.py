@@ -71,7 +71,7 @@ def final(gold: str) -> str:
     ("wrong", lambda g: f" #### {int(final(g).replace(',', '')) + 1}", 0.0, 0.0),
 ])
 def test_lm_eval_extraction_and_exact_match_on_the_held_out_split(name, answer, strict, flexible):
-    from eval.run import flatten_scores, lmeval_examples
+    from eval.results import flatten_scores, lmeval_examples
 
     res, lm = evaluate(answer)
     m = res["results"]["rlora_gsm8k"]
@@ -113,7 +113,7 @@ def test_eval_harness_generates_and_scores_gsm8k_with_its_standard_error(tiny_mo
     """The eval stage's path (HFLM generation on a real model, ``gsm8k`` as eval.tasks names it):
     every question gets an exact-match verdict and the score comes with lm-eval's standard error."""
     from eval.harness import EvalJob, EvalSettings, Evaluator
-    from eval.run import resolve_tasks
+    from eval.task_names import resolve_tasks
 
     settings = EvalSettings(model=str(tiny_model_dir), tasks=tuple(resolve_tasks(["gsm8k"], "local")), limit=3,
                             gen_kwargs="max_gen_toks=4")

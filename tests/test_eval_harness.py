@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from eval.harness import EvalJob, EvalSettings, Evaluator, evaluate_jobs
-from eval.run import flatten_scores, metric_name, resolve_tasks
+from eval.results import flatten_scores, metric_name
+from eval.task_names import resolve_tasks
 
 N = 12
 

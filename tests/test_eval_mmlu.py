@@ -6,7 +6,7 @@ import torch
 
 from eval.mmlu import LETTERS, load_all, mmlu_path
 from eval.harness import EvalSettings, Evaluator
-from eval.run import flatten_scores
+from eval.results import flatten_scores
 
 SUBJECTS = ["abstract_algebra", "world_religions", "high_school_us_history"]  # short to long questions
 PER_SUBJECT = 3

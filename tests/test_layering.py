@@ -29,6 +29,123 @@ def test_no_import_against_the_layering(layer):
 
 def test_the_sweep_finds_the_eval_stage_through_its_entry_point():
     from eval.stage import run_for_sweep
-    from pipeline.sweep import post_sweep_stage
+    from pipeline.stages import post_sweep_stage
 
     assert post_sweep_stage() is run_for_sweep
+
+
+PACKAGES = ("rlora", "pipeline", "eval", "benchmarks")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports anywhere in its file (functions included):
+    ``from a.b import c`` is an edge to ``a.b.c`` where that is a module, else to ``a.b``."""
+    files = {module_name(f): f for pkg in PACKAGES for f in (ROOT / pkg).rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names]
+            else:
+                continue
+            for t in targets:
+                while t and t not in files:  # a name inside a module: the module
+                    t = t.rpartition(".")[0]
+                if t and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_between_project_modules():
+    found = cycles(import_graph())
+    assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+def third_party_imports() -> dict[str, str]:
+    """Top-level third-party module -> one file importing it, across the project's packages."""
+    import sys
+
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            for top, _ in imported_packages(f):
+                if top not in sys.stdlib_module_names and top not in PACKAGES:
+                    out.setdefault(top, str(f.relative_to(ROOT)))
+    return out
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """A module the code imports must come from a distribution ``pyproject.toml`` names, not from
+    whatever another dependency happens to pull in today."""
+    import re
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[\[<>=!~ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in project["dependencies"] + [x for v in project["optional-dependencies"].values() for x in v]}
+    dists = packages_distributions()
+    missing = [f"{mod} (imported in {where}; from {dists.get(mod, ['?'])})"
+               for mod, where in sorted(third_party_imports().items())
+               if not {d.lower().replace("_", "-") for d in dists.get(mod, [])} & declared]
+    assert not missing, "undeclared: " + ", ".join(missing)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """``_name`` is a module's own business: another module that needs it gets a public name."""
+    bad = []
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] in PACKAGES):
+                    bad += [f"{f.relative_to(ROOT)}:{node.lineno} imports {a.name} from {node.module}"
+                            for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, "\n".join(bad)
