@@ -213,8 +213,7 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     rows = [{"model": name, "run_id": run.info.run_id,
              metric: run.data.metrics.get(metric) if name != "base" else None,
              f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
-             confirm: client.get_run(run.info.run_id).data.metrics.get(confirm),
-             f"{confirm}_stderr": client.get_run(run.info.run_id).data.metrics.get(f"{confirm}_stderr"),
+             confirm: run.data.metrics.get(confirm), f"{confirm}_stderr": run.data.metrics.get(f"{confirm}_stderr"),
              **adapter_cells(run.data.params),
              **{p: run.data.params.get(p, run.data.tags.get("rlora.adapter") if p == "adapter" else None)
                 for p in params},

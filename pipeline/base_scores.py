@@ -28,8 +28,8 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
     base_run = base_model_run(tracker.client, tracker.run_id, cfg.base.model)
     found = run_examples(tracker.client, tracker.run_id, "heldout").get("heldout")
     confirmed = run_examples(tracker.client, base_run, "confirm").get("confirm")
-    wants_confirm = bool(confirmation_examples(cfg.base.data))
-    if found is not None and (confirmed is not None or not wants_confirm):
+    examples = confirmation_examples(cfg.base.data)
+    if found is not None and (confirmed is not None or not examples):
         return found, confirmed
     import torch
 
@@ -54,8 +54,8 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
             log_examples(tracker, found, 0)
             print(f"base model on the held-out examples: {obj} = {metrics.get(obj, float('nan')):.4f}"
                   f" ± {metrics.get(obj + '_stderr', float('nan')):.4f} ({time.time() - t0:.0f} s)", flush=True)
-        if confirmed is None and wants_confirm:
-            metrics, confirmed = evaluate_confirmation(model, tok, d)
+        if confirmed is None and examples:
+            metrics, confirmed = evaluate_confirmation(model, tok, d, examples=examples)
             base = Tracker(tracker.tracking_uri, base_run)
             base.log_metrics(metrics, step=0)
             log_examples(base, confirmed, 0, "confirm")

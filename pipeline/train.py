@@ -87,7 +87,7 @@ def evaluate(model, tok, held_out, max_length: int, rank: int = 0, world: int = 
     return out, table
 
 
-def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1):
+def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1, examples=None):
     """(``confirm/...`` metrics, per-example table) on the run's confirmation split
     (``pipeline.batching.confirmation_examples``), or ({}, None) where it has none. Scored once, at
     the end of training: nothing that trains, stops or ranks a trial ever sees these scores."""
@@ -96,7 +96,7 @@ def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1):
     from pipeline.batching import confirmation_examples
     from pipeline.stats import EXAMPLE_COLUMNS, score_metrics
 
-    examples = confirmation_examples(data)
+    examples = confirmation_examples(data) if examples is None else examples  # (built once by a caller that has them)
     if not examples:
         return {}, None
     rows = score_held_out(model, tok, examples, data.max_length, rank, world)
