@@ -13,7 +13,7 @@ p (plus its true advantage, where it has one), independently of the other trials
   *after*: the best is still chosen on the selection split, the claims are the confirmation
   split's simultaneous intervals (``pipeline.claims.family_claims``).
 - **power**: two trials, one better by a known Δ. How often the confirmation split resolves the
-  difference in the right direction, against the power ``pipeline.stats.power`` states for that
+  difference in the right direction, against the power ``pipeline.paired.power`` states for that
   Δ and the expected standard error.
 
 Prints a table and writes ``benchmarks/results/claims.json`` (every rate with its binomial
@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 
 from pipeline.claims import SELECTION, family_claims
-from pipeline.stats import Z95, power
+from pipeline.stats import Z95
+from pipeline.paired import power
 
 OUT = Path(__file__).parent / "results" / "claims.json"
 BETA = (0.15, 0.10)  # difficulty distribution: mean 0.6, two trials disagree on ~10 % of examples

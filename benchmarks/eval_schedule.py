@@ -29,7 +29,7 @@ def make_adapters(cfg, n: int, out: Path) -> list[str]:
     import torch
 
     import rlora
-    from pipeline.models import load_model, resolve_model
+    from pipeline.model.base import load_model, resolve_model
 
     dirs = []
     for i in range(n):
@@ -128,8 +128,8 @@ def main(argv=None):
     import ray
 
     from eval.stage import settings_from, unit_settings
-    from pipeline.config import load_sweep_config
-    from pipeline.train import ensure_ray
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.runtime import ensure_ray
 
     limits = {}
     for item in args.limit:

@@ -48,7 +48,7 @@ def numerics_part(device, smoke: bool) -> list[dict]:
     import torch
     from torch import nn
 
-    from pipeline.precision import autocast
+    from pipeline.model.precision import autocast
     from rlora import RLoraConfig, RLoraLinear
 
     d, tokens = (64, 32) if smoke else (1536, 4096)
@@ -131,7 +131,7 @@ def _pack_worker(rank: int, k: int, arch: str, batch: int, seq: int, steps: int,
     import torch
 
     from benchmarks.train_step import build_variant, load_base
-    from pipeline.step import accumulate_gradients
+    from pipeline.train.step import accumulate_gradients
 
     model, params = build_variant("rlora_N3", load_base(f"arch:{arch}", "bf16-mixed", device))
     opt = torch.optim.AdamW(params, lr=1e-4)

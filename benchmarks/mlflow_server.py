@@ -1,5 +1,5 @@
 """Resident memory of the MLflow tracking server: stock settings vs the lean ones
-``pipeline.server`` uses (``--workers 1``, job execution off).
+``pipeline.cluster.server`` uses (``--workers 1``, job execution off).
 
 ``python -m benchmarks.mlflow_server`` starts each configuration on a free port, waits for
 /health, logs a few runs with metrics and an artifact over HTTP, then sums the RSS of the
@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.loopback import free_port
-from pipeline.server import server_command, server_env, stop_server, wait_healthy
+from pipeline.runtime import free_port
+from pipeline.cluster.server import server_command, server_env, stop_server, wait_healthy
 
 OUT = Path(__file__).parent / "results" / "mlflow_server.json"
 

@@ -29,9 +29,9 @@ def main(argv=None):
 
     import torch
 
-    from pipeline.batching import build_mixture
-    from pipeline.models import load_model, resolve_model
-    from pipeline.scoring import continuation_logprobs, score_choices
+    from pipeline.data.batching import build_mixture
+    from pipeline.model.base import load_model, resolve_model
+    from pipeline.model.scoring import continuation_logprobs, score_choices
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

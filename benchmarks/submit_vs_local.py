@@ -3,7 +3,7 @@
 ``python -m benchmarks.submit_vs_local [--config sweeps/smoke.yaml]`` starts a lean MLflow
 server, runs the sweep with ``pipeline.sweep`` (local Ray, this machine's CPUs), then starts a
 one-node loopback Ray cluster with the same CPUs and submits the same sweep with
-``pipeline.submit --wait``. Both log to the server. Prints a table, writes
+``pipeline.cluster.submit --wait``. Both log to the server. Prints a table, writes
 results/submit_vs_local.json.
 """
 
@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.loopback import LoopbackCluster
-from pipeline.server import start_server, stop_server
+from pipeline.cluster.loopback import LoopbackCluster
+from pipeline.cluster.server import start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(__file__).parent / "results" / "submit_vs_local.json"

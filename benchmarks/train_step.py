@@ -7,12 +7,12 @@ Variants:
   rlora_N3   - R-LoRA, 3 heads, r=8, paper defaults, all 7 projections
   rlora_N5   - R-LoRA, 5 heads, r=8
   with --variants methods, also every other adapter.method the pipeline trains, built by its own code
-  (pipeline.adapters): peft_dora (r=8), peft_adalora (init_r 12 -> target_r 8, its budget
+  (pipeline.model.adapters): peft_dora (r=8), peft_adalora (init_r 12 -> target_r 8, its budget
   allocation after every step, as in training), peft_ia3 (PEFT's default targets), peft_prompt_tuning,
   peft_p_tuning and peft_prefix_tuning (20 virtual tokens each, the pipeline's default; the step's
   sequence is 20 tokens longer for prompt and P-tuning, tokens/s counts the input's), lora_moe_N3
   (3 experts of r=8 under the router), full (full fine-tuning: every weight trains, AdamW state for all)
-The step is the training loop's own (``pipeline.step.accumulate_gradients``) under a
+The step is the training loop's own (``pipeline.train.step.accumulate_gradients``) under a
 ``train.precision`` (fp32 | bf16-mixed | bf16), optionally with activation checkpointing.
 
 On the CPU every variant runs in its own fresh process, so peak RSS is its own; on CUDA they run in
@@ -37,7 +37,7 @@ from benchmarks.common import device_label, print_table, write_json
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
 METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "peft_prompt_tuning",
                    "peft_p_tuning", "peft_prefix_tuning", "rlora_N3", "lora_moe_N3", "full"]
-# the PEFT method sections of pipeline.adapters.peft_config for the method variants
+# the PEFT method sections of pipeline.model.adapters.peft_config for the method variants
 PEFT_SECTIONS = {"peft_dora": ("dora", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
                  "peft_adalora": ("adalora", {"init_r": 12, "target_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}),
                  "peft_ia3": ("ia3", {}),
@@ -66,7 +66,7 @@ def load_base(model: str, precision: str, device):
     """The base model, in the dtype the precision loads it in, on ``device``."""
     import torch
 
-    from pipeline.precision import load_dtype
+    from pipeline.model.precision import load_dtype
 
     dtype = getattr(torch, load_dtype(precision))
     if model.startswith("arch:"):
@@ -76,7 +76,7 @@ def load_base(model: str, precision: str, device):
         torch.manual_seed(0)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw), dtype=dtype)
-    from pipeline.models import load_model
+    from pipeline.model.base import load_model
 
     return load_model(model, dtype=load_dtype(precision))[0].to(device)
 
@@ -85,7 +85,7 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     """The model a variant trains, and its trainable parameters."""
     import torch
 
-    from pipeline.step import enable_gradient_checkpointing
+    from pipeline.train.step import enable_gradient_checkpointing
 
     if checkpointing:
         enable_gradient_checkpointing(base)
@@ -93,7 +93,7 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     if variant in PEFT_SECTIONS:
         from peft import get_peft_model
 
-        from pipeline.adapters import peft_config
+        from pipeline.model.adapters import peft_config
 
         method, fields = PEFT_SECTIONS[variant]
         targets = None if method == "ia3" else TARGETS  # IA³: PEFT's own targets for the architecture
@@ -126,8 +126,8 @@ def measure(model, params, variant: str, batch: int, seq: int, steps: int, devic
     """Median step time over ``steps`` timed steps after one warm-up, and peak memory."""
     import torch
 
-    from pipeline.adapters import after_optimizer_step
-    from pipeline.step import accumulate_gradients
+    from pipeline.model.adapters import after_optimizer_step
+    from pipeline.train.step import accumulate_gradients
 
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -211,7 +211,7 @@ def main(argv=None):
         print(json.dumps(one(args.variant, **run)))
         return
     if not args.model.startswith("arch:"):
-        from pipeline.models import resolve_model
+        from pipeline.model.base import resolve_model
 
         resolve_model(args.model)  # convert once, outside the timed children
     variants = {"default": VARIANTS, "methods": METHOD_VARIANTS}.get(args.variants) or args.variants.split(",")

@@ -58,8 +58,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from mlflow import MlflowClient
 
-    from pipeline.config import load_sweep_config
-    from pipeline.server import start_server, stop_server
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.cluster.server import start_server, stop_server
     from pipeline.tracking import UI_MODEL_TRAINING, default_artifact_root, resolve_tracking_uri
 
     browser = chromium()

@@ -25,8 +25,9 @@ class CompareError(ValueError):
 
 
 def compare_runs(client, run_a: str, run_b: str) -> list[dict[str, Any]]:
-    from pipeline.stats import VALUE_NAMES, display_scale, paired_compare, score_table
-    from pipeline.tracking import run_examples
+    from pipeline.stats import VALUE_NAMES, display_scale, score_table
+    from pipeline.paired import paired_compare
+    from pipeline.runs import run_examples
 
     for rid in (run_a, run_b):  # both checked before anything is downloaded
         try:
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
-    from pipeline.cli import fail, user_errors
+    from pipeline.config.cli import fail, user_errors
     from pipeline.tracking import check_reachable, resolve_tracking_uri
 
     try:

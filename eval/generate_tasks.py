@@ -194,7 +194,7 @@ HELDOUT_TEMPLATE = {
 
 
 def write_heldout() -> None:
-    from pipeline.eval_names import choice_tasks, heldout_mixtures
+    from pipeline.data.eval_names import choice_tasks, heldout_mixtures
 
     d = TASKS / "heldout"
     d.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ class EvalSettings:
     batch_size: int = 16
     gen_kwargs: Optional[str] = None  # lm-eval's override string, e.g. "max_gen_toks=256"
     seed: int = 0
-    precision: str = "fp32"  # train.precision of the sweep (pipeline.precision)
+    precision: str = "fp32"  # train.precision of the sweep (pipeline.model.precision)
 
     def signature(self) -> str:
         """Identifies what was measured; the same signature means the same numbers."""
@@ -93,8 +93,8 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, device: Optional[str] = None, threads: Optional[int] = None):
         import torch
 
-        from pipeline.models import load_model
-        from pipeline.precision import load_dtype
+        from pipeline.model.base import load_model
+        from pipeline.model.precision import load_dtype
 
         if threads:
             torch.set_num_threads(threads)
@@ -141,13 +141,13 @@ class Evaluator:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        from pipeline.precision import autocast
+        from pipeline.model.precision import autocast
 
         for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
             logging.getLogger(name).setLevel(logging.ERROR)
         model = self.base
         if adapter_dir:
-            from pipeline.adapters import load
+            from pipeline.model.adapters import load
 
             model = load(self.base, adapter_dir).to(self.device)
         try:
@@ -162,7 +162,7 @@ class Evaluator:
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
-                from pipeline.adapters import detach
+                from pipeline.model.adapters import detach
 
                 self.base = detach(model, self.base)  # the adapter layers out, the untouched base modules back
 
@@ -229,7 +229,7 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.train import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     if not jobs:
         return []

@@ -16,7 +16,7 @@ report, logged to the sweep's MLflow parent run under ``reproduce/``:
 
 It reports what it measures, whether or not that agrees with the paper. ``--from-sweep`` builds
 the report from an ablation sweep that already ran. ``--table baselines`` reports a sweep over
-adapter methods instead (``sweeps/baselines.yaml``; eval/baselines.py).
+adapter methods instead (``sweeps/baselines.yaml``; eval/reports/baselines.py).
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.arms import (TASK_LABELS, arm_difference, arm_score, cell, delta_cell, mean_std, seed_record,
-                       seeds_mean_se, sweep_trials)
+from eval.reports.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell, mean_std, seed_record, seeds_mean_se, sweep_trials
 
 ARMS = {  # preset -> row label, in the paper's order
     "lora": "LoRA",
@@ -245,21 +244,21 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
 
 
 def main(argv=None) -> int:
-    from pipeline.cli import base_parser, fail, user_errors
+    from pipeline.config.cli import base_parser, fail, user_errors
 
     ap = base_parser("python -m eval.reproduce", __doc__, "ablation sweep YAML", "base.train.steps=60",
                      config_default="sweeps/ablation.yaml")
     ap.add_argument("--table", choices=["table4", "baselines"], default="table4",
                     help="table4: the five-arm ablation (default); baselines: every adapter of the sweep against "
-                         "R-LoRA in the layout of Tables 2/3 (eval/baselines.py; default config sweeps/baselines.yaml)")
+                         "R-LoRA in the layout of Tables 2/3 (eval/reports/baselines.py; default config sweeps/baselines.yaml)")
     ap.add_argument("--from-sweep", default=None, metavar="RUN_ID", help="report on a sweep that already ran")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.table == "baselines" and args.config == ap.get_default("config"):
         args.config = "sweeps/baselines.yaml"
-    from pipeline.config import load_sweep_config
+    from pipeline.config.sweep import load_sweep_config
     from pipeline.data.tasks import resolve_tasks
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep.driver import run_sweep
     from pipeline.tracking import resolve_tracking_uri
 
     try:
@@ -280,7 +279,7 @@ def main(argv=None) -> int:
     note = (f"{cfg.base.model}, mixture {cfg.base.data.tasks}, {cfg.base.train.steps} steps × batch "
             f"{cfg.base.train.batch_size}, {cfg.base.data.eval_per_task} held-out examples per task")
     if args.table == "baselines":
-        from eval import baselines
+        from eval.reports import baselines
 
         res = baselines.write_report(uri, parent, tasks, out_dir, wall, note + f", {cfg.tune.seeds} seed(s) per adapter.")
         print(Path(res["report"]).read_text())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.eval_names import FAMILIES
+from pipeline.data.eval_names import FAMILIES
 
 # the metric each task family is scored by, in lm-eval's "<metric>,<filter>" result keys
 SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extract", "exact_match,strip",
@@ -15,7 +15,7 @@ SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extrac
 
 def prefixes() -> list[tuple[str, str]]:
     """(task-name prefix, family), longest first so rlora_bbh_fewshot_x is not read as rlora_bbh + fewshot_x."""
-    from pipeline.eval_names import heldout_names
+    from pipeline.data.eval_names import heldout_names
 
     pairs = []
     for family, (local, stock, stock_sub) in FAMILIES.items():

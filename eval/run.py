@@ -17,7 +17,6 @@ import argparse
 import json
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +29,7 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
     if adapter == "none":
         return None, None
     if Path(adapter).is_dir():
-        from pipeline.adapters import FULL_WEIGHTS
+        from pipeline.model.adapters import FULL_WEIGHTS
 
         if not any((Path(adapter) / f).is_file() for f in ("adapter_config.json", FULL_WEIGHTS)):
             raise EvalInputError(f"--adapter: {adapter} has no adapter_config.json (nor a full model's {FULL_WEIGHTS})")
@@ -58,7 +57,7 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
 
 
 def _print_scores(scores: dict[str, float]) -> None:
-    from eval.stage import headline
+    from eval.record import headline
 
     for k, v in headline(scores).items():
         if not k.endswith("_stderr"):
@@ -71,7 +70,7 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
     settings unless overridden on the command line."""
     import mlflow
 
-    from pipeline.config import SweepConfig
+    from pipeline.config.sweep import SweepConfig
     from eval.stage import EvalStageError, run_eval_stage
 
     try:
@@ -89,7 +88,7 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
         data.setdefault("eval", {})["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from pydantic import ValidationError
 
-    from pipeline.config import ConfigError, format_validation_error
+    from pipeline.config.loading import ConfigError, format_validation_error
 
     try:
         cfg = SweepConfig.model_validate(data)
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mlflow-run", default=None, help="log the scores to this MLflow run")
     ap.add_argument("--out", type=Path, default=None, help="output (default outputs/eval/...)")
     args = ap.parse_args(argv)
-    from pipeline.cli import fail, user_errors
+    from pipeline.config.cli import fail, user_errors
 
     try:
         from pipeline.tracking import check_reachable, resolve_tracking_uri
@@ -165,7 +164,7 @@ def main(argv=None) -> int:
     if run_id:  # scores, standard errors and the per-question table, as the eval stage logs them
         from mlflow import MlflowClient
 
-        from eval.stage import log_results
+        from eval.record import log_results
 
         log_results([{**res, "run_id": run_id}], settings, tracking_uri, MlflowClient(tracking_uri))
         print(f"logged to MLflow run {run_id}")

@@ -3,7 +3,7 @@ project's offline tasks (``eval/tasks``), or passed to lm-eval as they are (``--
 
 from __future__ import annotations
 
-from pipeline.eval_names import local_names
+from pipeline.data.eval_names import local_names
 
 
 class EvalInputError(ValueError):

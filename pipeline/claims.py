@@ -5,11 +5,11 @@ training: Optuna, ASHA and the top-k see only those). The maximum of several noi
 upwards (the winner's curse), so a difference computed on the same examples that picked the best
 overstates it. Every claim is therefore made on the *confirmation* split: held-out examples of the
 same tasks, disjoint from the selection split and from training data
-(``pipeline.batching.confirmation_examples``), scored once at the end of each finished trial and for
+(``pipeline.data.batching.confirmation_examples``), scored once at the end of each finished trial and for
 the base model. The trial called "best" is still the one the selection split chose; the
 confirmation split only measures it.
 
-Two families of comparisons, each with simultaneous intervals (``pipeline.stats.compare_family``):
+Two families of comparisons, each with simultaneous intervals (``pipeline.paired.compare_family``):
 every other confirmed trial against the best (m = k − 1) and every confirmed trial against the base
 model (m = k). "Resolved" means the family's interval excludes 0.
 
@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.stats import Comparison, compare_family, display_scale, objective_column, paired_compare, score_table
+from pipeline.paired import Comparison, compare_family, paired_compare
+from pipeline.stats import display_scale, objective_column, score_table
 
 SELECTION, CONFIRMATION = "selection", "confirmation"
 
@@ -101,7 +102,7 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None, base_conf
     ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
     each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
     from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.tracking import run_examples
+    from pipeline.runs import run_examples
 
     col = objective_column(metric)
     if col is None or not ranked:

@@ -95,7 +95,7 @@ def tiny_model_dir(tmp_path_factory):
     """A tiny Llama (2 layers, hidden 64) with the embedded SmolLM2 tokenizer, saved as an HF dir."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from pipeline.models import resolve_model
+    from pipeline.model.base import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
     d = tmp_path_factory.mktemp("tiny-llama")
@@ -113,7 +113,7 @@ def local_ray():
     """One local Ray for the module's in-process sweeps, runs and eval workers, started as the pipeline
     starts it (``ensure_ray``): a Ray start costs seconds of wall time and more of CPU (its dashboard
     processes), so the module's tests share one instead of each starting and stopping their own."""
-    from pipeline.train import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     ensure_ray(quiet=True)
     import ray

@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.batching import IGNORE, LengthAwareBatches, build_mixture, encode_example
+from pipeline.data.batching import IGNORE, LengthAwareBatches, build_mixture, encode_example
 from pipeline.data import Example, content_key, task_splits
-from pipeline.models import resolve_model
+from pipeline.model.base import resolve_model
 
 
 @pytest.fixture(scope="module")

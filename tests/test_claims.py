@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.claims import Design, simulate
-from pipeline import stats
+from pipeline import paired, stats
 
 
 def table(correct, tasks=5):
@@ -26,7 +26,7 @@ def test_a_sweep_of_equally_good_trials_calls_a_difference_resolved_in_at_most_5
     on the same examples with a 95 % interval each (the old summary; 100 of the sweeps) calls some
     difference resolved in far more than 5 % of sweeps; the confirmation split's simultaneous intervals in at
     most about 5 % (binomial tolerance: two standard errors of 300 sweeps). And a real difference
-    is found as often as the power ``pipeline.stats.power`` states for it."""
+    is found as often as the power ``pipeline.paired.power`` states for it."""
     r = simulate(300, Design(), before_sweeps=100)
     before, after, pw = r["false_resolution_before"], r["false_resolution_after"], r["power"]
     with capsys.disabled():
@@ -44,16 +44,16 @@ def test_simultaneous_intervals_widen_with_the_family_and_one_comparison_is_the_
     p = rng.beta(0.15, 0.1, size=500)
     ref = table(rng.random(500) < p)
     others = {f"o{j}": table(rng.random(500) < p) for j in range(6)}
-    one = stats.compare_family(ref, {"o0": others["o0"]})["o0"]
-    direct = stats.paired_compare(others["o0"], ref)
+    one = paired.compare_family(ref, {"o0": others["o0"]})["o0"]
+    direct = paired.paired_compare(others["o0"], ref)
     assert (one.delta, one.lo, one.hi, one.m) == (direct.delta, direct.lo, direct.hi, 1)
-    fam = stats.compare_family(ref, others)
+    fam = paired.compare_family(ref, others)
     c = fam["o0"]
     assert c.delta == pytest.approx(one.delta) and c.se == pytest.approx(one.se) and c.m == 6
     crit = (c.hi - c.delta) / c.se  # every member of the family has the same critical value
     assert all((x.hi - x.delta) / x.se == pytest.approx(crit) for x in fam.values())
     # wider than one 95 % interval, no wider than Bonferroni's for 6 independent comparisons
-    assert stats.Z95 * 1.1 < crit <= stats.family_crit(6) + 0.05
+    assert stats.Z95 * 1.1 < crit <= paired.family_crit(6) + 0.05
     assert "simultaneous 95 % CI over 6 comparisons" in c.sentence("o0", "ref")
 
 
@@ -64,22 +64,22 @@ def test_a_family_resolves_a_real_difference_and_not_an_identical_model():
     rng = np.random.default_rng(0)
     y = (rng.random(500) < 0.5).astype(float)
     better = np.where(rng.random(500) < 0.4, 1.0, y)
-    fam = stats.compare_family(table(y), {"better": table(better), "same": table(y)})
+    fam = paired.compare_family(table(y), {"better": table(better), "same": table(y)})
     assert fam["better"].resolved and fam["better"].lo > 0.1 and fam["better"].p_adjusted < 0.001
     assert not fam["same"].resolved and fam["same"].delta == 0 and fam["same"].p_adjusted == 1.0
 
 
 def test_power_and_the_detectable_difference_agree():
     se = 0.015
-    d = stats.detectable(se)
-    assert stats.power(d, se) == pytest.approx(0.8, abs=0.01)
-    assert stats.power(0.0, se) == pytest.approx(0.05, abs=0.001)
-    assert stats.power(d, se, stats.family_crit(5)) < 0.8  # a family's wider interval needs a bigger difference
+    d = paired.detectable(se)
+    assert paired.power(d, se) == pytest.approx(0.8, abs=0.01)
+    assert paired.power(0.0, se) == pytest.approx(0.05, abs=0.001)
+    assert paired.power(d, se, paired.family_crit(5)) < 0.8  # a family's wider interval needs a bigger difference
 
 
 def test_the_confirmation_split_is_disjoint_from_the_selection_split_and_training():
-    from pipeline.batching import build_mixture, confirmation_examples
-    from pipeline.config import DataSection
+    from pipeline.data.batching import build_mixture, confirmation_examples
+    from pipeline.config.run import DataSection
     from pipeline.data import content_key
 
     data = DataSection(tasks=["sst2", "piqa", "gsm8k"], train_per_task=300, eval_per_task=30, confirm_per_task=40,
@@ -107,14 +107,14 @@ def test_one_example_or_a_handful_of_identical_differences_is_never_resolved():
     """A task family with one question (or four, all won by the same model): the interval has no
     width, and an exact test of so few discordant pairs cannot reject; only enough of them can."""
     # and a family where two models each win 2 of 3 questions: a bootstrap interval of [+33, +100]
-    fam = stats.compare_family(table([0, 0, 1], tasks=1), {"a": table([1, 1, 1], tasks=1), "b": table([1, 1, 1], tasks=1)},
+    fam = paired.compare_family(table([0, 0, 1], tasks=1), {"a": table([1, 1, 1], tasks=1), "b": table([1, 1, 1], tasks=1)},
                                by_task=False)
     assert fam["a"].delta == pytest.approx(2 / 3) and not fam["a"].resolved and fam["a"].discordant == 2
     for n, resolved in ((1, False), (4, False), (12, True)):
-        fam = stats.compare_family(table(np.zeros(n), tasks=1), {"a": table(np.ones(n), tasks=1),
+        fam = paired.compare_family(table(np.zeros(n), tasks=1), {"a": table(np.ones(n), tasks=1),
                                                                  "b": table(np.zeros(n), tasks=1)}, by_task=False)
         assert fam["a"].delta == 1.0 and fam["a"].resolved is resolved, n
-        assert stats.paired_compare(table(np.ones(n), tasks=1), table(np.zeros(n), tasks=1)).resolved is resolved
+        assert paired.paired_compare(table(np.ones(n), tasks=1), table(np.zeros(n), tasks=1)).resolved is resolved
 
 
 def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(tmp_path):
@@ -126,7 +126,8 @@ def test_compare_trials_gives_each_trial_its_paired_difference_to_best_and_base(
     from mlflow import MlflowClient
 
     from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.stats import compare_family, examples_file, save_examples
+    from pipeline.paired import compare_family
+    from pipeline.stats import examples_file, save_examples
     from pipeline.claims import compare_trials
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -227,7 +228,7 @@ def test_the_eval_stage_claims_each_trial_against_the_base_and_the_best_per_fami
     the heldout family (the pool the trials were ranked on) gets none at all."""
     from mlflow import MlflowClient
 
-    from eval.stage import paired_rows
+    from eval.record import paired_rows
     from pipeline.stats import examples_file, save_examples
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,5 +1,5 @@
 """Cluster runs: schedule manifests, submission checks, the MLflow server, and a real two-node
-Ray cluster on loopback beside the pipeline's own local Ray (pipeline.loopback: Train with
+Ray cluster on loopback beside the pipeline's own local Ray (pipeline.cluster.loopback: Train with
 STRICT_SPREAD killed and resumed exactly, a sweep submitted through the Jobs API)."""
 
 import os
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.loopback import LoopbackCluster
-from pipeline.submit import entrypoint
+from pipeline.cluster.loopback import LoopbackCluster
+from pipeline.cluster.submit import entrypoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_schedule_manifests_parse_and_run_the_submit_entrypoint():
 
 
 def test_schedule_crontab_line_is_the_submit_command(capsys, monkeypatch):
-    code, out, err = main_in_process(capsys, monkeypatch, "pipeline.schedule", "sweeps/smoke.yaml", "--cron",
+    code, out, err = main_in_process(capsys, monkeypatch, "pipeline.cluster.schedule", "sweeps/smoke.yaml", "--cron",
                                      "0 2 * * *", "--address", "http://head:8265", "--tracking-uri",
                                      "http://mlflow:5000", "--format", "crontab")
     assert code == 0, err
@@ -87,7 +87,7 @@ def test_schedule_crontab_line_is_the_submit_command(capsys, monkeypatch):
     (["sweeps/smoke.yaml", "--cron", "0 2 * * *", "--set", "tune.num_samples=0"], "tune.num_samples"),
 ])
 def test_schedule_bad_input_is_one_line(capsys, monkeypatch, args, msg):
-    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.schedule", *args)
+    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.cluster.schedule", *args)
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -209,13 +209,13 @@ def test_bad_cluster_shape_is_one_line(capsys, args, msg):
 ])
 def test_submit_rejects_bad_input_before_contacting_ray(capsys, monkeypatch, extra, msg):
     # no Ray cluster at this address: each error must come first
-    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.submit", "sweeps/smoke.yaml", "--address",
+    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.cluster.submit", "sweeps/smoke.yaml", "--address",
                                    "http://127.0.0.1:9", *extra)
     assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_submit_to_no_cluster_is_one_line(tmp_path, capsys, monkeypatch):
-    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.submit", "sweeps/smoke.yaml", "--address",
+    code, _, err = main_in_process(capsys, monkeypatch, "pipeline.cluster.submit", "sweeps/smoke.yaml", "--address",
                                    "http://127.0.0.1:9", "--tracking-uri", f"sqlite:///{tmp_path}/m.db")
     assert code == 2 and err.startswith("error: Ray cluster at http://127.0.0.1:9"), err
     assert len(err.strip().splitlines()) == 1
@@ -227,7 +227,7 @@ def test_free_ports_are_outside_the_range_the_kernel_hands_out():
     """A port chosen for a server started later cannot be given to anyone else meanwhile: the kernel
     only assigns ports of its ephemeral range to bind(0) and outgoing connections, and free_port
     picks outside it and outside Ray's worker ports; each port it gives can be bound."""
-    from pipeline.loopback import RAY_RESERVED_BELOW, ephemeral_ports, free_port
+    from pipeline.runtime import RAY_RESERVED_BELOW, ephemeral_ports, free_port
 
     low, high = ephemeral_ports()
     ports = [free_port() for _ in range(20)]
@@ -251,7 +251,7 @@ def test_free_ports_are_outside_the_range_the_kernel_hands_out():
 def test_lean_mlflow_server_stores_runs_and_proxied_artifacts(tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.server import start_server, stop_server
+    from pipeline.cluster.server import start_server, stop_server
 
     proc, url = start_server(f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts"), port=0,
                              log_path=tmp_path / "server.log")
@@ -312,7 +312,7 @@ def test_two_node_cluster_spread_training_resumed_exactly_and_a_submitted_sweep(
     4. a wrong token is refused in one line, not bypassed."""
     from mlflow import MlflowClient
 
-    from pipeline.server import start_server, stop_server
+    from pipeline.cluster.server import start_server, stop_server
     from test_train import assert_same_end, check_two_worker_ddp_run_is_complete_in_mlflow, write_yaml
 
     import ray
@@ -393,13 +393,13 @@ def test_two_node_cluster_spread_training_resumed_exactly_and_a_submitted_sweep(
 
         # 4. the token file decides: this process's own Ray token is not the cluster's, yet the cluster's
         # token given as the file is accepted; a wrong one is refused with one line, not bypassed
-        from pipeline.submit import make_client
+        from pipeline.cluster.submit import make_client
 
         make_client(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN_PATH"])
         bad = tmp_path / "bad-token"
         bad.write_text("not-the-token")
         monkeypatch.setenv("RAY_AUTH_MODE", "token")
-        code, _, err = main_in_process(capsys, monkeypatch, "pipeline.submit", "--address", cluster.dashboard,
+        code, _, err = main_in_process(capsys, monkeypatch, "pipeline.cluster.submit", "--address", cluster.dashboard,
                                        "sweeps/smoke.yaml", "--tracking-uri", url, "--token-file", str(bad))
         assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     finally:

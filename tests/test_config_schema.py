@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_run_config
+from pipeline.config.loading import ConfigError
+from pipeline.config.run import RunConfig, load_run_config
 
 
 def write(tmp_path, text):

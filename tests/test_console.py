@@ -1,6 +1,6 @@
 """The sweep's console: what reaches a person's terminal, what only the log file keeps.
 
-A child process takes over its stdout/stderr with ``pipeline.console.Console`` and prints what a sweep
+A child process takes over its stdout/stderr with ``pipeline.sweep.console.Console`` and prints what a sweep
 prints (its own lines, Ray-forwarded worker lines, a warning, a progress bar, Tune's table twice, an
 error from a worker); the terminal side is a pipe or a real pseudo-terminal."""
 import os
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import sys, time, warnings
     from pathlib import Path
-    from pipeline.console import Console
+    from pipeline.sweep.console import Console
 
     table = ("Trial status: 2 RUNNING\\nCurrent time: now\\nLogical resource usage: 2/2 CPUs\\n"
              "╭──────╮\\n│ _trial_a RUNNING │\\n╰──────╯\\n\\n")
@@ -116,7 +116,7 @@ def test_on_a_terminal_the_trials_table_is_redrawn_in_place(tmp_path):
 
 def test_a_failing_child_still_leaves_its_log(tmp_path):
     log = tmp_path / "sweep.log"
-    code = ("import sys; from pathlib import Path; from pipeline.console import Console\n"
+    code = ("import sys; from pathlib import Path; from pipeline.sweep.console import Console\n"
             "with Console() as c:\n    c.log_to(Path(sys.argv[1]))\n    print('about to fail', flush=True)\n"
             "    raise SystemExit(3)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(log)], capture_output=True, text=True, timeout=60,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rlora
-from pipeline.models import ModelSpecError, load_model, resolve_model
+from pipeline.model.base import ModelSpecError, load_model, resolve_model
 from rlora import RLoraConfig, rlora_layers
 
 
@@ -61,7 +61,7 @@ def test_rlora_on_smollm2_exact_start_train_and_roundtrip(smol, tmp_path):
 
 @pytest.mark.slow
 def test_embedded_gguf_is_converted_once_and_reused(tmp_path, monkeypatch):
-    import pipeline.models as models
+    import pipeline.model.base as models
 
     monkeypatch.setenv("RLORA_CACHE_DIR", str(tmp_path))
     first = resolve_model("smollm2-135m-instruct")

@@ -135,8 +135,8 @@ def test_single_task_sweep_ranks_on_answer_nll_over_seeds_and_scores_gsm8k(tmp_p
 
     from test_sweep import ROOT, mlflow_runs
 
-    from pipeline.config import load_sweep_config
-    from pipeline.sweep import run_sweep
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.sweep.driver import run_sweep
 
     over = {"base.model": str(tiny_model_dir), "base.data.train_per_task": 16, "base.data.eval_per_task": 4,
             "base.data.max_length": 96, "base.train.steps": 3, "base.train.batch_size": 2, "base.train.eval_every": 3,

@@ -15,7 +15,7 @@ N = 12
 def make_adapter(model_dir, out, seed):
     """A saved R-LoRA adapter whose heads have been moved off their init (so it changes outputs)."""
     import rlora
-    from pipeline.models import load_model
+    from pipeline.model.base import load_model
 
     base, _ = load_model(str(model_dir))
     torch.manual_seed(seed)
@@ -44,7 +44,7 @@ def base_logits(model, ids):
 
 
 def test_adapters_swap_on_one_base_without_leaking(tiny_model_dir, adapters):
-    from pipeline.models import load_model
+    from pipeline.model.base import load_model
 
     ev = Evaluator(settings_for(tiny_model_dir), device="cpu")
     ids = torch.arange(1, 17)[None]
@@ -96,7 +96,7 @@ def test_parallel_ray_workers_match_in_process_results(tiny_model_dir, adapters,
 
 @pytest.mark.slow
 def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_model_dir, adapters):
-    """What the sweep's tail does on Ctrl-C (eval.tail.TailEval.cancel): with the stop event set,
+    """What the sweep's tail does on Ctrl-C (eval.head_start.TailEval.cancel): with the stop event set,
     evaluate_jobs scores nothing (every job marked cancelled) and none of its actors is left alive."""
     import threading
     import time
@@ -106,7 +106,7 @@ def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_mode
     stop = threading.Event()
     stop.set()
     jobs = [EvalJob("base"), *(EvalJob(f"a{i}", adapters[i % 2]) for i in range(4))]
-    from pipeline.train import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     ensure_ray()
     results = evaluate_jobs(settings_for(tiny_model_dir), jobs, max_workers=2, progress=False, stop=stop)
@@ -133,7 +133,7 @@ def test_an_actor_with_no_job_left_frees_its_slot_while_the_others_still_run(tin
     import ray
     from ray.util.state import list_actors
 
-    from pipeline.train import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     ensure_ray()
     gcs = ray.get_runtime_context().gcs_address
@@ -159,10 +159,10 @@ def test_an_actor_with_no_job_left_frees_its_slot_while_the_others_still_run(tin
 
 
 def test_held_out_task_matches_the_training_loops_scoring(tiny_model_dir):
-    """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.scoring (the training loop's
+    """lm-eval's rlora_heldout_<task> predicts exactly what pipeline.model.scoring (the training loop's
     held-out eval) predicts, example by example."""
     from pipeline.data.tasks import task_splits
-    from pipeline.scoring import continuation_logprobs
+    from pipeline.model.scoring import continuation_logprobs
 
     ev = Evaluator(EvalSettings(str(tiny_model_dir), ("rlora_heldout_piqa", "rlora_heldout_siqa"), limit=N,
                                 num_fewshot=0, batch_size=8))
@@ -197,7 +197,7 @@ def test_the_project_index_builds_every_offline_task_as_the_full_index_does():
     offline task and group builds from that index with the same configuration as from the full one,
     and a job that names a stock task gets the full index."""
     from eval.harness import task_manager, task_manager_for
-    from pipeline.eval_names import local_names
+    from pipeline.data.eval_names import local_names
 
     lean, full = task_manager(), task_manager(stock=True)
     assert len(full.all_tasks) > 20 * len(lean.all_tasks)

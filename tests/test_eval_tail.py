@@ -27,7 +27,7 @@ def _store(tmp_path, trials):
 
 
 def _certain(client, parent, top_k, expected, mode="max"):
-    from eval.tail import certain_trials
+    from eval.head_start import certain_trials
 
     return [r.data.tags["rlora.trial_id"] for r in certain_trials(client, parent, "eval/mean_acc", mode, top_k, expected)]
 
@@ -54,7 +54,7 @@ def test_the_base_model_starts_in_the_tail_only_where_a_trial_has_long_enough_le
 
     from ray.tune.experiment import Trial
 
-    from pipeline.tail import TailStart
+    from pipeline.sweep.tail import TailStart
 
     class Base:
         starts = 0
@@ -104,7 +104,7 @@ def test_the_tail_begins_at_a_trial_end_after_the_last_trial_started_never_at_th
     trials (stub mode) go through the callback; the tail records when it is asked to start."""
     from ray.tune.experiment import Trial
 
-    from pipeline.tail import TailStart
+    from pipeline.sweep.tail import TailStart
 
     trials = [Trial("t", stub=True) for _ in range(3)]
     tail = CountingTail()
@@ -133,7 +133,7 @@ def test_trials_that_end_together_start_the_tail_once_the_last_trial_is_under_wa
     its worker group having claimed the slot), not at its end, and only once."""
     from ray.tune.experiment import Trial
 
-    from pipeline.tail import TailStart
+    from pipeline.sweep.tail import TailStart
 
     trials = [Trial("t", stub=True) for _ in range(3)]
     tail = CountingTail()
@@ -165,7 +165,7 @@ def test_a_pending_placement_group_holds_the_tail_back_until_it_is_placed(tmp_pa
     from ray.tune.experiment import Trial
     from ray.util import placement_group, remove_placement_group
 
-    from pipeline.tail import TailStart, pending_placement_groups
+    from pipeline.sweep.tail import TailStart, pending_placement_groups
 
     if ray.is_initialized():
         ray.shutdown()

@@ -19,7 +19,7 @@ def ray_with_logical_gpus():
     Ray schedules GPU shares and sets CUDA_VISIBLE_DEVICES as on a GPU node; torch computes on the CPU."""
     import ray
 
-    from pipeline.train import ensure_ray
+    from pipeline.runtime import ensure_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -52,8 +52,8 @@ def test_fractional_gpu_sweep_runs_four_trials_at_once_on_two_gpus(tmp_path, tin
     bf16-mixed with 2 micro-batches per step and activation checkpointing, end to end."""
     from mlflow import MlflowClient
 
-    from pipeline.config import load_sweep_config
-    from pipeline.sweep import run_sweep
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.sweep.driver import run_sweep
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = {
@@ -110,8 +110,8 @@ def test_fractional_gpu_sweep_runs_four_trials_at_once_on_two_gpus(tmp_path, tin
     ({"use_gpu": False, "cpus_per_worker": 4}, 1),
 ])
 def test_trial_concurrency_from_cpus_and_gpu_shares(ray_with_logical_gpus, scaling, expected):
-    from pipeline.config import SweepConfig
-    from pipeline.sweep import concurrency
+    from pipeline.config.sweep import SweepConfig
+    from pipeline.sweep.tuner import concurrency
 
     cfg = SweepConfig.model_validate({"name": "c", "base": {"scaling": scaling},
                                       "search": {"train.lr": {"choice": [1e-3]}}})
@@ -119,8 +119,9 @@ def test_trial_concurrency_from_cpus_and_gpu_shares(ray_with_logical_gpus, scali
 
 
 def test_a_trial_that_needs_more_gpus_than_the_cluster_has_is_one_error(ray_with_logical_gpus):
-    from pipeline.config import ConfigError, SweepConfig
-    from pipeline.sweep import concurrency
+    from pipeline.config.loading import ConfigError
+    from pipeline.config.sweep import SweepConfig
+    from pipeline.sweep.tuner import concurrency
 
     cfg = SweepConfig.model_validate({"name": "c", "base": {"scaling": {"use_gpu": True, "num_workers": 3}},
                                       "search": {"train.lr": {"choice": [1e-3]}}})

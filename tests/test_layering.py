@@ -29,7 +29,7 @@ def test_no_import_against_the_layering(layer):
 
 def test_the_sweep_finds_the_eval_stage_through_its_entry_point():
     from eval.stage import run_for_sweep
-    from pipeline.stages import post_sweep_stage
+    from pipeline.sweep.stages import post_sweep_stage
 
     assert post_sweep_stage() is run_for_sweep
 
@@ -107,6 +107,56 @@ def test_the_circle_finder_finds_a_circle():
 def test_no_import_circle_between_project_modules():
     found = cycles(import_graph())
     assert not found, "import circles:\n" + "\n".join(" <-> ".join(c) for c in found)
+
+
+# pipeline/ by stage: each stage imports only the stages listed for it (and itself), so the import
+# graph reads in one direction: rlora <- core <- data <- model <- config <- train <- sweep.
+# cluster/ tooling needs the core, the config schema and the data directory's setting (submit validates a
+# sweep's YAML and passes the data directory on before the job leaves the machine); the command shims (python -m pipeline.submit ...) and eval/ may use any stage.
+STAGE_DEPS = {
+    "core": {"rlora"},
+    "data": {"rlora", "core"},
+    "model": {"rlora", "core", "data"},
+    "config": {"rlora", "core", "data", "model"},
+    "train": {"rlora", "core", "data", "model", "config"},
+    "sweep": {"rlora", "core", "data", "model", "config", "train"},
+    "cluster": {"core", "data", "config"},
+}
+STAGES = set(STAGE_DEPS) - {"core"}
+COMMANDS = {"pipeline.submit", "pipeline.schedule", "pipeline.server", "pipeline.demo"}
+
+
+def stage_of(module: str) -> str:
+    """rlora, core, data, model, config, train, sweep, cluster, commands, eval or benchmarks."""
+    parts = module.split(".")
+    if parts[0] != "pipeline":
+        return parts[0]
+    if len(parts) > 1 and parts[1] in STAGES:
+        return parts[1]
+    return "commands" if module in COMMANDS else "core"
+
+
+def stage_violations(graph: dict[str, set[str]]) -> list[str]:
+    out = []
+    for mod, targets in sorted(graph.items()):
+        stage = stage_of(mod)
+        for t in sorted(targets):
+            if stage in STAGE_DEPS and stage_of(t) not in STAGE_DEPS[stage] | {stage}:
+                out.append(f"{mod} ({stage}) imports {t} ({stage_of(t)})")
+    return out
+
+
+def test_the_stage_rule_finds_an_import_against_it():
+    assert stage_violations({"pipeline.data.batching": {"pipeline.model.scoring"},
+                             "pipeline.model.scoring": {"pipeline.data.encoding"}}) == [
+        "pipeline.data.batching (data) imports pipeline.model.scoring (model)"]
+    assert stage_violations({"pipeline.tracking": {"pipeline.sweep.driver"}}) != []
+    assert stage_violations({"pipeline.cluster.submit": {"pipeline.train.driver"}}) != []
+
+
+def test_each_pipeline_stage_imports_only_the_stages_below_it():
+    bad = stage_violations(import_graph())
+    assert not bad, "\n".join(bad)
 
 
 def third_party_imports() -> dict[str, str]:

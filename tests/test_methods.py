@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import ConfigError, load_run_config
+from pipeline.config.loading import ConfigError
+from pipeline.config.run import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def batch_of(tok, n=4, seed=0):
 
 
 def train_steps(model, tok, steps):
-    from pipeline import adapters
+    from pipeline.model import adapters
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     model.train()
@@ -59,8 +60,8 @@ def logits(model, ids):
 @pytest.fixture(scope="module")
 def trained(tiny_model_dir, tmp_path_factory):
     """Each method trained STEPS steps and saved: {method: (adapter dir, logits of the trained model)}."""
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, ids = {}, torch.arange(5, 37)[None]
     for method in METHODS:
@@ -76,8 +77,8 @@ def trained(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_model_dir):
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, ids = trained
     d, expected, model = out[method]
@@ -109,8 +110,8 @@ def test_trained_adapter_reloads_exactly_on_a_fresh_base(method, trained, tiny_m
 def test_checkpoint_restore_puts_the_trained_weights_back(method, trained, tiny_model_dir):
     """What a resumed training run does with its checkpoint's ``adapter`` directory: the model it
     builds afresh gets every trained tensor back (the adapter's, or for full fine-tuning the whole model's)."""
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, ids = trained
     d, expected, model = out[method]
@@ -129,9 +130,10 @@ def test_an_adalora_run_resumed_after_its_rank_allocation_ends_where_the_uninter
     """A run resumed from a checkpoint written after AdaLoRA allocated ranks (save_pretrained then
     writes the cut-down matrices; training goes on at full rank) continues through the final
     allocation to the same weights, rank pattern and saved adapter as the run that never stopped."""
-    from pipeline import adapters
-    from pipeline.models import load_model
-    from pipeline.train import _lr_lambda, _save_checkpoint, restore_checkpoint
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
+    from pipeline.train.worker import _lr_lambda
+    from pipeline.train.checkpoints import save_checkpoint as save_checkpoint, restore_checkpoint
 
     cfg = run_cfg("adalora")  # 6 steps: ranks allocated at steps 2-3, fixed at 4, masked at 5-6; stopped at `at`
 
@@ -156,7 +158,7 @@ def test_an_adalora_run_resumed_after_its_rank_allocation_ends_where_the_uninter
     steps(*whole, 1, STEPS)
     part = fresh(0)
     steps(*part, 1, at)
-    _save_checkpoint(part[0], part[2], part[3], at, tmp_path / "ckpt", final=False)
+    save_checkpoint(part[0], part[2], part[3], at, tmp_path / "ckpt", final=False)
     assert part[0].peft_config["default"].rank_pattern  # ranks were allocated before the checkpoint
     resumed = fresh(7)  # a new process: another init, nothing of the first part in memory
     assert restore_checkpoint(resumed[0], resumed[2], resumed[3], tmp_path / "ckpt") == at
@@ -179,8 +181,8 @@ def test_an_adalora_checkpoint_without_its_training_state_is_refused_in_one_line
     """The cut-down adapter directory alone (a checkpoint written before the fix, or a final
     adapter passed as one) would put the wrong shapes, or with a shape check silently no allocator
     state, into the resumed run: refused, naming why."""
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, _ = trained
     base, _ = load_model(str(tiny_model_dir))
@@ -195,8 +197,8 @@ def test_an_adalora_checkpoint_without_its_training_state_is_refused_in_one_line
 
 
 def test_trainable_parameter_counts_from_the_layer_shapes(trained, tiny_model_dir):
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, _ = trained
     # tiny model: q_proj 64->64, v_proj 64->32 (2 kv heads x 16), down_proj 128->64, 2 layers
@@ -221,8 +223,8 @@ def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
     """The paper's Table 3 "A/B" column from the model itself: one shared A and a B per head for
     R-LoRA and HydraLoRA, one of each for LoRA, DoRA and AdaLoRA, none for IA³."""
     import rlora
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     out, _ = trained
     got = {m: adapters.ab_matrices(out[m][2]) for m in METHODS}
@@ -237,8 +239,8 @@ def test_ab_matrices_read_off_the_built_layers(trained, tiny_model_dir):
 def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_model_dir, tmp_path):
     """adapter.method: lora_moe builds N independent LoRA experts under the router (this project's
     tuner, per-head A), trains, and reloads on a fresh base under another RNG state exactly."""
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     cfg = load_run_config(None, ["adapter.method=lora_moe", "adapter.num_heads=3", "adapter.r=4",
                                  "adapter.target_modules=[q_proj,v_proj,down_proj]"])
@@ -263,8 +265,8 @@ def test_lora_moe_trains_and_reloads_exactly_through_the_pipeline_schema(tiny_mo
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prompt_tuning", "prefix_tuning", "full"])
 def test_missing_or_mis_shaped_tensor_is_refused_naming_it(method, trained, tiny_model_dir, tmp_path):
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     d = trained[0][method][0]
     weights, config = ((adapters.FULL_WEIGHTS, "config.json") if method == "full"
@@ -320,7 +322,7 @@ def test_method_sections_apply_only_to_their_method():
 
 def test_eval_harness_scores_peft_adapters_and_unloads_them(trained, tiny_model_dir):
     from eval.harness import EvalJob, EvalSettings, Evaluator
-    from pipeline.models import load_model
+    from pipeline.model.base import load_model
 
     out, ids = trained
     ev = Evaluator(EvalSettings(model=str(tiny_model_dir), tasks=("rlora_heldout_sst2",), limit=8), device="cpu")
@@ -343,10 +345,10 @@ def test_virtual_tokens_are_not_scored(method, trained, tiny_model_dir):
     model exactly as the base model scores the input behind the learned virtual token embeddings,
     spelled out here with ``inputs_embeds``; each with its own tokenisation of (context, choice)."""
     from eval.harness import EvalSettings, Evaluator
-    from pipeline import adapters
+    from pipeline.model import adapters
     from pipeline.data.tasks import task_splits
-    from pipeline.models import load_model
-    from pipeline.scoring import score_choices
+    from pipeline.model.base import load_model
+    from pipeline.model.scoring import score_choices
 
     out, _ = trained
     base, tok = load_model(str(tiny_model_dir))
@@ -387,10 +389,10 @@ def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tin
     adapter reloads strictly."""
     from test_train import only_run, write_yaml
 
-    from pipeline import adapters
-    from pipeline.config import load_run_config
-    from pipeline.models import load_model
-    from pipeline.train import run_training
+    from pipeline.model import adapters
+    from pipeline.config.run import load_run_config
+    from pipeline.model.base import load_model
+    from pipeline.train.driver import run_training
 
     cfg = write_yaml(tmp_path, tiny_model_dir, adapter={
         "method": "adalora", "target_modules": ["q_proj", "v_proj"],
@@ -415,7 +417,7 @@ def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tin
 def test_method_fields_are_search_dimensions(tmp_path, tiny_model_dir):
     from test_sweep import sweep_yaml
 
-    from pipeline.config import load_sweep_config
+    from pipeline.config.sweep import load_sweep_config
 
     ok = {"adapter.method": {"choice": ["rlora", "lora", "ia3"]}, "adapter.lora.r": {"choice": [2, 4]}}
     cfg = load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir, search=ok))
@@ -435,8 +437,8 @@ def test_whole_adapter_sections_are_one_search_dimension(tmp_path, tiny_model_di
     each value is merged into the base adapter, checked like a full run config, and grid-only."""
     from test_sweep import sweep_yaml
 
-    from pipeline.config import load_sweep_config
-    from pipeline.sweep import trial_run_config
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.sweep.space import trial_run_config
 
     grid = [{"method": "rlora", "preset": "hydralora"}, {"method": "lora", "lora": {"r": 24}}, {"method": "lora_moe"}]
     path = sweep_yaml(tmp_path, tiny_model_dir, search={"adapter": {"grid": grid}}, tune={"search_alg": "grid"})
@@ -461,8 +463,8 @@ def test_one_method_per_trial_sweep_end_to_end(tmp_path, tiny_model_dir, local_r
     the eval stage scores and registers every adapter; the baselines report reads the sweep back."""
     from test_sweep import mlflow_runs, sweep_here, sweep_yaml
 
-    from pipeline import adapters
-    from pipeline.models import load_model
+    from pipeline.model import adapters
+    from pipeline.model.base import load_model
 
     # one dimension over whole adapter sections; lora's r from the grid, its lora_alpha from the base
     search = {"adapter": {"grid": [{"method": "rlora"}, {"method": "lora", "lora": {"r": 3}}, {"method": "ia3"},

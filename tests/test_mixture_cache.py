@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.batching import build_mixture, encode_example
-from pipeline.config import DataSection
+from pipeline.data.batching import build_mixture, encode_example
+from pipeline.config.run import DataSection
 from pipeline.data import data_dir
-from pipeline.mixture_cache import cache_dir, mixture_key, tokenised_mixture
-from pipeline.models import resolve_model
+from pipeline.data.mixture_cache import cache_dir, mixture_key, tokenised_mixture
+from pipeline.model.base import resolve_model
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dead_uri() -> str:
     """An http URI on a loopback port where nothing listens (free, and outside the range the kernel
     hands out, so no other process is given it meanwhile)."""
-    from pipeline.loopback import free_port
+    from pipeline.runtime import free_port
 
     return f"http://127.0.0.1:{free_port()}"
 
@@ -78,7 +78,7 @@ def test_mlflow_server_killed_mid_sweep_and_restarted_loses_nothing(tmp_path, ti
     import yaml
     from mlflow import MlflowClient
 
-    from pipeline.server import start_server, stop_server
+    from pipeline.cluster.server import start_server, stop_server
 
     steps = 30
     store, arts = f"sqlite:///{tmp_path / 'server.db'}", str(tmp_path / "artifacts")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rlora
-from pipeline.step import IGNORE, accumulate_gradients, enable_gradient_checkpointing
+from pipeline.data.encoding import IGNORE
+from pipeline.train.step import accumulate_gradients, enable_gradient_checkpointing
 
 
 def adapted(tiny_llama_factory, dropout=0.0, seed=0, **over):
@@ -135,7 +136,7 @@ def test_bf16_mixed_runs_matmuls_in_bf16_router_softmax_and_master_weights_fp32(
     """Under autocast (CPU here, CUDA alike) the adapter's GEMMs run in bf16, so the output moves off
     the fp32 result by about bf16's rounding; the router softmax still sees fp32 logits; gradients and
     optimizer updates land on fp32 adapter weights."""
-    from pipeline.precision import autocast
+    from pipeline.model.precision import autocast
 
     batch = batches([[(12, 6), (9, 4)]])[0]
     model = adapted(tiny_llama_factory).eval()
@@ -159,8 +160,8 @@ def test_bf16_mixed_runs_matmuls_in_bf16_router_softmax_and_master_weights_fp32(
 
 
 def test_precision_settings_load_and_autocast():
-    from pipeline.config import load_run_config
-    from pipeline.precision import autocast, load_dtype
+    from pipeline.config.run import load_run_config
+    from pipeline.model.precision import autocast, load_dtype
 
     assert [load_dtype(p) for p in ("fp32", "bf16-mixed", "bf16")] == ["float32", "float32", "bfloat16"]
     with autocast("bf16-mixed", "cpu"):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.data import Example, content_key, task_splits
-from pipeline.scoring import choice_accuracy_by_task, continuation_logprobs, encode_pair, score_choices
+from pipeline.model.scoring import choice_accuracy_by_task, continuation_logprobs, score_choices
+from pipeline.data.encoding import encode_pair
 
 TASKS = ("sst2", "siqa", "boolq", "piqa")  # 2 and 3 choices, one-token and long answers, long passages
 TOL = 1e-4
@@ -153,7 +154,7 @@ def test_answer_nll_is_per_answer_token_with_the_ratio_estimators_standard_error
     over the total answer tokens, and the standard error of that ratio over the examples."""
     import math
 
-    from pipeline.scoring import answer_nll_by_task
+    from pipeline.model.scoring import answer_nll_by_task
 
     model, tok = tiny
     examples = task_splits("gsm8k")[1][:5] + task_splits("codealpaca")[0][:3]

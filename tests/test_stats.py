@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import stats
+from pipeline import paired, stats
 
 
 def table(correct, task="t", margin=None, ids=None):
@@ -41,8 +41,8 @@ def test_macro_mean_and_metrics_names():
 
 def test_mcnemar_exact_p():
     # 6 discordant pairs all one way: two-sided p = 2 * 0.5**6
-    assert stats.mcnemar_p(0, 6) == pytest.approx(2 * 0.5**6)
-    assert stats.mcnemar_p(3, 3) == pytest.approx(1.0)
+    assert paired.mcnemar_p(0, 6) == pytest.approx(2 * 0.5**6)
+    assert paired.mcnemar_p(3, 3) == pytest.approx(1.0)
 
 
 def test_paired_known_difference_is_detected():
@@ -50,42 +50,42 @@ def test_paired_known_difference_is_detected():
     b = (rng.random(300) < 0.5).astype(float)
     a = b.copy()
     a[np.flatnonzero(b == 0)[:45]] = 1.0  # A fixes 45 of B's errors: +15 points
-    c = stats.paired_compare(table(a), table(b))
+    c = paired.paired_compare(table(a), table(b))
     assert c.delta == pytest.approx(0.15)
     assert c.resolved and c.lo > 0.08 and c.p_mcnemar < 1e-6
     assert "better" in c.sentence("A", "B")
     # the reverse comparison is the mirror image
-    r = stats.paired_compare(table(b), table(a))
+    r = paired.paired_compare(table(b), table(a))
     assert r.delta == pytest.approx(-0.15) and r.resolved and "worse" in r.sentence("B", "A")
 
 
 def test_identical_runs_and_noise_are_not_resolved():
     rng = np.random.default_rng(1)
     a = (rng.random(200) < 0.6).astype(float)
-    same = stats.paired_compare(table(a), table(a))
+    same = paired.paired_compare(table(a), table(a))
     assert same.delta == 0 and not same.resolved and "not distinguishable" in same.sentence("A", "B")
     # two models with the same skill whose errors differ: a few points apart, not resolved
     b = a.copy()
     flip = rng.choice(200, 20, replace=False)
     b[flip] = 1 - b[flip]
-    c = stats.paired_compare(table(a), table(b))
+    c = paired.paired_compare(table(a), table(b))
     assert abs(c.delta) < 0.06 and not c.resolved
 
 
 def test_paired_interval_matches_analytic_se_and_pairs_by_id():
     rng = np.random.default_rng(2)
     ma, mb = rng.normal(0.3, 1, 400), rng.normal(0.0, 1, 400)
-    c = stats.paired_compare(table(np.ones(400), margin=ma), table(np.ones(400), margin=mb), "margin")
+    c = paired.paired_compare(table(np.ones(400), margin=ma), table(np.ones(400), margin=mb), "margin")
     d = ma - mb
     assert c.se == pytest.approx(d.std(ddof=1) / 20)
     assert (c.hi - c.lo) / 2 == pytest.approx(stats.Z95 * c.se, rel=0.1)  # bootstrap ≈ normal interval
     # rows are matched by example id, not position; examples only one run has are left out
     ta = table([1, 0, 1], ids=["x", "y", "z"])
     tb = table([1, 0, 0, 0], ids=["w", "z", "y", "x"])  # w only in B; B wrong on x, y, z
-    p = stats.paired_compare(ta, tb)
+    p = paired.paired_compare(ta, tb)
     assert p.n == 3 and p.delta == pytest.approx(2 / 3)  # by position it would be 1/3
     with pytest.raises(ValueError, match="duplicate"):
-        stats.paired_compare(pd.concat([ta, ta]), tb)
+        paired.paired_compare(pd.concat([ta, ta]), tb)
 
 
 def test_examples_round_trip(tmp_path):

@@ -56,8 +56,8 @@ def cli(args, timeout=720, **kw):
 
 def sweep_here(path, resume=None, retry_errored=False):
     """The sweep of ``path`` run in this process (on the module's local Ray): its summary dict."""
-    from pipeline.config import load_sweep_config
-    from pipeline.sweep import run_sweep
+    from pipeline.config.sweep import load_sweep_config
+    from pipeline.sweep.driver import run_sweep
 
     return run_sweep(load_sweep_config(str(path), []), str(path), resume, retry_errored=retry_errored)
 
@@ -129,8 +129,8 @@ def check_delta_cell(cell, delta, se, resolved=None):
 def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, capsys, patch, needle):
     import ray
 
-    from pipeline.config import deep_merge
-    from pipeline.sweep import main
+    from pipeline.config.loading import deep_merge
+    from pipeline.sweep.cli import main
 
     cfg = deep_merge({"name": "bad", "search": {"adapter.r": {"choice": [4, 8]}}}, patch)
     if "serch" in patch:
@@ -145,12 +145,12 @@ def test_bad_sweep_yaml_exits_2_naming_the_key_before_ray_starts(tmp_path, capsy
 
 
 def test_shipped_sweep_files_validate():
-    from pipeline.config import load_sweep_config
+    from pipeline.config.sweep import load_sweep_config
 
     for name in ("smoke", "heads_gamma", "ablation", "baselines", "single_task"):
         cfg = load_sweep_config(ROOT / "sweeps" / f"{name}.yaml")
         assert cfg.name == name and cfg.search
-    from pipeline.sweep import trial_run_config
+    from pipeline.sweep.space import trial_run_config
 
     bl = load_sweep_config(ROOT / "sweeps" / "baselines.yaml")
     labels = [trial_run_config(bl.base.model_dump(mode="json"), {"adapter": v}, {"experiment": "e", "trial_name": "t"})
@@ -162,7 +162,7 @@ def test_shipped_sweep_files_validate():
                .adapter.method for v in single.search["adapter"].grid]
     from typing import get_args
 
-    from pipeline.config import AdapterSection
+    from pipeline.config.run import AdapterSection
 
     assert set(methods) == set(get_args(AdapterSection.model_fields["method"].annotation))  # every method
     assert single.base.data.tasks == ["gsm8k"]
@@ -325,10 +325,10 @@ def test_the_base_model_row_is_a_scoring_done_here_and_each_trial_is_paired_with
     split computed by hand."""
     import pandas as pd
 
-    from pipeline.batching import build_mixture, confirmation_examples
-    from pipeline.config import DataSection
-    from pipeline.models import load_model
-    from pipeline.scoring import score_choices
+    from pipeline.data.batching import build_mixture, confirmation_examples
+    from pipeline.config.run import DataSection
+    from pipeline.model.base import load_model
+    from pipeline.model.scoring import score_choices
 
     client, parent = smoke.client, smoke.parent
     base_run = client.search_runs([parent.info.experiment_id], "tags.`rlora.eval_role` = 'base'")[0]
@@ -508,9 +508,9 @@ def test_what_the_mlflow_ui_reads_through_a_real_server(smoke):
     import hashlib
     from collections import Counter
 
-    from pipeline.batching import build_mixture
+    from pipeline.data.batching import build_mixture
     from pipeline.data import content_key
-    from pipeline.server import start_server, stop_server
+    from pipeline.cluster.server import start_server, stop_server
 
     parent, children = smoke.parent, smoke.children
     server, url = start_server(smoke.uri, str(smoke.tmp / "mlartifacts"), port=0, log_path=smoke.tmp / "ui-server.log")
@@ -646,7 +646,7 @@ def test_seeds_rank_each_configuration_by_its_mean_and_a_diverging_one_fails_alo
         assert "adapter" in {a.path for a in client.list_artifacts(trial.info.run_id)}
     chosen = next(c for c in trials.values() if c.info.run_id == parents[0].data.tags["best_run"])
     assert chosen.data.metrics["eval/mean_acc"] == max(c.data.metrics["eval/mean_acc"] for c in trials.values())
-    from eval.baselines import collect, table
+    from eval.reports.baselines import collect, table
 
     _, rows, _ = table(collect(client, parents[0].info.run_id, ["sst2", "boolq"]), ["sst2", "boolq"])
     assert len(rows) == 2  # the failed configuration has no finished seed to report
@@ -664,7 +664,7 @@ def test_retry_errored_runs_the_failed_trial_again_and_nothing_else(tmp_path, ti
     failed on a plain --resume; --resume --retry-errored runs it again into its own child run, which
     ends FINISHED without the old error tag, and does not rerun the trial that had finished."""
     from pipeline.data import data_dir
-    from pipeline.sweep import main
+    from pipeline.sweep.cli import main
 
     good, late = str(data_dir()), tmp_path / "late-data"
     cfg = sweep_yaml(tmp_path, tiny_model_dir, search={"data.data_dir": {"grid": [good, str(late)]}},
@@ -775,7 +775,7 @@ def test_no_trial_has_an_mlflow_run_before_tunes_saved_state_names_it(tmp_path, 
     """The driver is killed the moment a later trial's MLflow child run appears (Tune saves its state
     every 10 s by default, a reused trial actor starts the next trial at once): every child run's
     trial is in the saved state, so --resume knows each of them and no run is left RUNNING."""
-    from pipeline.tune_state import recorded
+    from pipeline.sweep.tune_state import recorded
 
     cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 3, "max_concurrent_trials": 1,
                                                      "train_in_trial": True}, train={"steps": 12, "eval_every": 6})
@@ -895,13 +895,13 @@ def test_ctrl_c_while_the_base_model_is_scored_after_the_trials_leaves_a_resumab
     the main job): the parent run is KILLED (not left RUNNING), the resume command is printed, and
     ``--resume`` scores the base model, writes the summary and finishes the parent without training
     again. The interrupt is raised where the base scoring starts, in a real sweep run in this process."""
-    from pipeline import sweep
+    from pipeline.sweep import driver
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     cfg = sweep_yaml(tmp_path, tiny_model_dir, tune={"num_samples": 1, "train_in_trial": True}, train={"steps": 2})
-    monkeypatch.setattr(sweep, "score_base", interrupted)
+    monkeypatch.setattr(driver, "score_base", interrupted)
     try:
         out = sweep_here(cfg)
     except KeyboardInterrupt:
@@ -1021,3 +1021,22 @@ def _checkpoint_steps(train_root, in_trial: bool) -> dict[str, list[int]]:
         except (OSError, ValueError):  # being written
             pass
     return state
+
+
+def test_a_sweep_directory_of_the_previous_layout_is_refused_in_one_line_naming_its_version(tmp_path, capsys):
+    """Tune's saved state names the trainable and the searcher by module, and 0.2.0 moved them: a
+    directory 0.1.0 wrote (its state file had no format) is refused before anything touches it."""
+    from pipeline.sweep.cli import main
+
+    old = tmp_path / "out" / "sweeps" / "t" / "20261201-120000"
+    old.mkdir(parents=True)
+    state = {"parent_run_id": "0" * 32, "config": {}, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+             "started": 0.0}
+    (old / "sweep_state.json").write_text(json.dumps(state))
+    before = sorted(p.name for p in old.iterdir())
+    code = main(["sweeps/smoke.yaml", "--set", f"base.mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--set", f"base.output_dir={tmp_path / 'out'}", "--resume", str(old)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "rlora-lab 0.1.0" in err[0] and "without --resume" in err[0] and str(old) in err[0]
+    assert sorted(p.name for p in old.iterdir()) == before  # nothing written into it

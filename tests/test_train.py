@@ -124,7 +124,7 @@ def _score_rank(rank, world, model_dir, init_file, out_dir, examples):
     from conftest import init_gloo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.train import score_held_out
+    from pipeline.train.heldout import score_held_out
 
     init_gloo(rank, world, init_file)
     try:
@@ -145,8 +145,8 @@ def test_held_out_scoring_sharded_over_ranks_equals_one_process(tmp_path, tiny_m
     from conftest import spawn_ranks
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.batching import build_mixture
-    from pipeline.train import score_held_out
+    from pipeline.data.batching import build_mixture
+    from pipeline.train.heldout import score_held_out
 
     examples = build_mixture(["sst2", "siqa"], 0, 7, seed=0).held_out  # 14: uneven shards
     spawn_ranks(_score_rank, args=(2, str(tiny_model_dir), str(tmp_path / "init"), str(tmp_path), examples))
@@ -166,7 +166,7 @@ def assert_same_end(tmp_path, client, run, ref_dir):
     loss curve (re-run steps included) of the only run in ``ref_dir``'s."""
     from safetensors.torch import load_file
 
-    from pipeline.train import load_trainer_state
+    from pipeline.train.checkpoints import load_trainer_state
 
     ref_client, ref, _ = only_run(ref_dir)
     out = {}
@@ -198,7 +198,7 @@ def assert_same_end(tmp_path, client, run, ref_dir):
 def test_bad_run_yaml_exits_2_with_one_line_before_ray_starts(tmp_path, capsys, text, needle):
     import ray
 
-    from pipeline.train import main
+    from pipeline.train.cli import main
 
     p = tmp_path / "bad.yaml"
     p.write_text(text)
@@ -217,7 +217,8 @@ class _Payload:
 
 
 def test_trainer_state_round_trips_and_pickled_objects_are_refused(tmp_path):
-    from pipeline.train import CheckpointError, _lr_lambda, load_trainer_state
+    from pipeline.train.checkpoints import CheckpointError, load_trainer_state
+    from pipeline.train.worker import _lr_lambda
 
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -242,8 +243,8 @@ def test_a_finished_trial_run_again_finishes_again_without_retraining(tmp_path, 
     run -> model output record, leaving the trial errored and its run unfinished)."""
     from mlflow.entities import LoggedModelStatus
 
-    from pipeline.config import load_run_config
-    from pipeline.train import run_training
+    from pipeline.config.run import load_run_config
+    from pipeline.train.driver import run_training
 
     cfg = load_run_config(write_yaml(tmp_path, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0}), [])
     outs = [run_training(cfg, quiet=True, trial_id="t1", train_name="trial-t1", storage_path=str(tmp_path / "ray"))
@@ -261,7 +262,7 @@ def test_peak_memory_is_the_processes_peak_resident_set(tmp_path):
     more than it ever held raises it by about that much, freeing does not lower it, and a process
     started by a parent that holds 1 GiB does not inherit the parent's peak (the kernel carries
     ru_maxrss across fork + exec: CI's 3 GiB pytest process once made a == b)."""
-    child = ("import torch; from pipeline.step import peak_memory_gb\n"
+    child = ("import torch; from pipeline.train.step import peak_memory_gb\n"
              "a = peak_memory_gb(torch.device('cpu'))\n"
              "x = torch.ones(600 * 2**20 // 4)\n"
              "b = peak_memory_gb(torch.device('cpu'))\n"
@@ -301,8 +302,8 @@ def test_in_trial_run_killed_resumes_exactly_and_a_finished_one_is_not_retrained
     uninterrupted reference in this one."""
     import json
 
-    from pipeline.config import load_run_config
-    from pipeline.train import run_training
+    from pipeline.config.run import load_run_config
+    from pipeline.train.driver import run_training
 
     def config(root):
         return write_yaml(root, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0},

@@ -1,13 +1,4 @@
-"""A real multi-node Ray cluster on this machine, on 127.0.0.1: ``ray start --head`` plus
-``ray start --address`` worker nodes, each with its own CPUs and temp dir, token auth on.
-Every process is started in its own process group and stopped through it.
-
-Used by the tests and benchmarks; also handy for trying cluster features without a cluster::
-
-    from pipeline.loopback import LoopbackCluster
-    with LoopbackCluster(nodes=2, cpus_per_node=1) as c:
-        print(c.address, c.dashboard)   # RAY_ADDRESS for drivers, --address for pipeline.submit
-"""
+"""A real multi-process Ray cluster on loopback (head plus workers) for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -16,7 +7,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,42 +14,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from pipeline.runtime import free_port
+
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel hands out for bind(0) and outgoing connections (Linux; the usual default elsewhere)."""
-    try:
-        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-# Ray's own defaults below this: its client server (10001) and its workers' ports (10002-19999)
-RAY_RESERVED_BELOW = 20_000
-
-
-def free_port(attempts: int = 200) -> int:
-    """A free loopback port for a server started later: outside the kernel's ephemeral range, so no
-    outgoing connection or bind(0) of any process can be given it between now and then (a port from
-    bind(0) is one the kernel may hand to the next process that asks), and above the ports Ray
-    reserves for its workers."""
-    import random
-
-    low, _ = ephemeral_ports()
-    rng = random.SystemRandom()
-    for _ in range(attempts if low > RAY_RESERVED_BELOW + 1000 else 0):
-        port = rng.randrange(RAY_RESERVED_BELOW, low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    with socket.socket() as s:  # the range below is full: fall back to the kernel's pick
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LoopbackCluster:
@@ -89,12 +46,12 @@ class LoopbackCluster:
 
     @property
     def dashboard(self) -> str:
-        """The dashboard / Jobs API URL (``--address`` for pipeline.submit)."""
+        """The dashboard / Jobs API URL (``--address`` for pipeline.cluster.submit)."""
         return f"http://127.0.0.1:{self.dash_port}"
 
     @property
     def client_env(self) -> dict[str, str]:
-        """What a client (driver, ``pipeline.submit``) needs to talk to this cluster."""
+        """What a client (driver, ``pipeline.cluster.submit``) needs to talk to this cluster."""
         return {k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH") if k in self.env}
 
     def _start(self, args: list[str], log: str) -> subprocess.Popen:

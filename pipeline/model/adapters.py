@@ -8,7 +8,7 @@ class's own type hints (pydantic) before anything runs. ``dora`` is PEFT's LoRA 
 ``update_and_allocate`` after every optimizer step (``after_optimizer_step``). Prompt, P- and prefix
 tuning (PEFT's prompt-learning methods) adapt no module, so ``target_modules`` does not apply to them;
 the training loop's held-out scorer scores them pair by pair without their virtual tokens' logits
-(``pipeline.scoring``; lm-eval's HFLM aligns those itself), and ``detach`` gives the untouched base back.
+(``pipeline.model.scoring``; lm-eval's HFLM aligns those itself), and ``detach`` gives the untouched base back.
 ``full`` fine-tuning trains every weight of the base itself: its "adapter" directory is the whole
 model as ``save_pretrained`` writes it (``config.json`` + ``model.safetensors``), and ``load`` puts
 those weights, strictly, into a copy of the base, so a shared base stays untouched."""

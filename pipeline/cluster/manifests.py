@@ -101,7 +101,7 @@ def raycronjob(name: str, namespace: str, cron: str, entrypoint: str, shape: Clu
 
 
 def raycluster(name: str, namespace: str, shape: ClusterShape) -> dict:
-    """A long-lived RayCluster to submit sweeps to (``pipeline.submit --address http://<head svc>:8265``)."""
+    """A long-lived RayCluster to submit sweeps to (``pipeline.cluster.submit --address http://<head svc>:8265``)."""
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": _meta(name, namespace),
             "spec": ray_cluster_spec(shape)}
 

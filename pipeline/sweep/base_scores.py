@@ -7,21 +7,21 @@ import os
 import time
 from typing import Any, Optional
 
-from pipeline.config import SweepConfig
-from pipeline.tracking import parent_metric
+from pipeline.config.sweep import SweepConfig
+from pipeline.runs import parent_metric
 
 
 def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tuple[Optional[Any], Optional[Any]]:
     """The base model, without adapter, on the held-out examples every trial scores (the selection
     split) and on the confirmation split: once per sweep, in the sweep's tail on a freed slot
-    (``pipeline.tail.BaseHeldOut``) or else in the driver after the trials (reused on
+    (``pipeline.sweep.tail.BaseHeldOut``) or else in the driver after the trials (reused on
     ``--resume``). The selection scores go on the parent run (``sweep/base_<objective>`` ± se and
     the per-example table), the confirmation scores on the base model's child run
     (``confirm/<metric>`` ± se and its table), so the summary can say whether fine-tuning helped at
     all, with the same paired test as between trials. Returns (selection table, confirmation table)."""
-    from pipeline.batching import confirmation_examples
+    from pipeline.data.batching import confirmation_examples
+    from pipeline.runs import base_model_run, run_examples
     from pipeline.stats import objective_column
-    from pipeline.tracking import base_model_run, run_examples
 
     if objective_column(cfg.tune.metric) is None:
         return None, None
@@ -33,11 +33,11 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
         return found, confirmed
     import torch
 
-    from pipeline.mixture_cache import tokenised_mixture
-    from pipeline.models import load_model, resolve_model
-    from pipeline.precision import autocast, load_dtype
+    from pipeline.data.mixture_cache import tokenised_mixture
+    from pipeline.model.base import load_model, resolve_model
+    from pipeline.model.precision import autocast, load_dtype
     from pipeline.tracking import Tracker
-    from pipeline.train import log_examples, evaluate, evaluate_confirmation
+    from pipeline.train.heldout import evaluate, evaluate_confirmation, log_examples
 
     t0 = time.time()
     d = cfg.base.data

@@ -1,4 +1,4 @@
-"""The eval stage's head start in a sweep's tail (``eval.overlap``; called by ``pipeline.tail``).
+"""The eval stage's head start in a sweep's tail (``eval.overlap``; called by ``pipeline.sweep.tail``).
 
 When the sweep's last trial has started, a slot freed by a finished trial would idle until the
 stragglers end. ``TailEval.update()`` (on that moment and whenever a trial ends after it) starts
@@ -21,9 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from eval.harness import evaluate_jobs, merge_results
-from eval.stage import jobs_for, log_results, select_trials, settings_from, unit_settings
-from pipeline.tail import pending_placement_groups
-from pipeline.tracking import base_model_run
+from eval.stage import jobs_for, select_trials, settings_from, unit_settings
+from eval.record import log_results
+from pipeline.sweep.tail import pending_placement_groups
+from pipeline.runs import base_model_run
 
 SETTLED = ("FINISHED", "FAILED", "KILLED")  # a trial run in any other state may still change the ranking
 
@@ -44,12 +45,12 @@ def certain_trials(client, parent, metric: str, mode: str, top_k: int, expected:
 
 
 class TailEval:
-    """Started by the sweep (``pipeline.tail.tail_stage``); ``update()`` is called from Tune's
+    """Started by the sweep (``pipeline.sweep.tail.tail_stage``); ``update()`` is called from Tune's
     callback thread and returns at once, the scoring runs in this object's threads."""
 
     def __init__(self, cfg, parent_run_id: str, tracking_uri: str):
-        from pipeline.sweep import expected_trials
-        from pipeline.train import use_gpu_for
+        from pipeline.sweep.tuner import expected_trials
+        from pipeline.runtime import use_gpu_for
 
         self.cfg, self.parent_run_id, self.uri = cfg, parent_run_id, tracking_uri
         self.expected = expected_trials(cfg)

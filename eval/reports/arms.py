@@ -1,5 +1,5 @@
 """An ablation arm or a baseline: the finished runs of one adapter, one record per seed, and what
-the reports say about it (``eval.reproduce``'s Table 4, ``eval.baselines``' Tables 2/3): its score
+the reports say about it (``eval.reproduce``'s Table 4, ``eval.reports.baselines``' Tables 2/3): its score
 with a standard error over seeds and examples, and its paired difference to a reference arm."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def sweep_trials(client, parent_run_id: str) -> list:
 
 def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
     """One seed's held-out results: per-example table, per-task and macro accuracy, its seed."""
-    from pipeline.tracking import run_examples
+    from pipeline.runs import run_examples
 
     m = run.data.metrics
     return {"examples": run_examples(client, run.info.run_id, "heldout").get("heldout"),
@@ -72,8 +72,8 @@ def arm_difference(a: list[dict], b: list[dict], m: int = 1) -> Optional[dict]:
     """Arm a − arm b on the macro accuracy: paired over examples (seed-averaged outcomes) and over
     seeds (per-seed differences, seeds matched by value). None without per-example tables. ``m``: the
     comparisons made against the same reference; the interval holds jointly over them (Bonferroni,
-    ``pipeline.stats.family_crit``), so "resolved" is wrong for at most 5 % of families."""
-    from pipeline.stats import family_crit, paired_compare
+    ``pipeline.paired.family_crit``), so "resolved" is wrong for at most 5 % of families."""
+    from pipeline.paired import family_crit, paired_compare
 
     ta, tb = seed_avg(a), seed_avg(b)
     if ta is None or tb is None:

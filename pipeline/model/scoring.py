@@ -1,10 +1,4 @@
-"""Batched log-likelihood scoring of multiple-choice examples (lm-eval's ``loglikelihood``
-convention: context and continuation tokenised separately, sum of continuation log-probs).
-
-``continuation_logprobs`` runs one full forward per (context, continuation) pair;
-``score_choices`` gives the same numbers with one forward per distinct context, its choices
-scored against the context's key/value cache (about 2x fewer tokens through the model on the
-five_task held-out set, see benchmarks/scoring.py)."""
+"""Scoring with a causal LM: continuation log-probabilities and multiple-choice answers, batched."""
 
 from __future__ import annotations
 
@@ -16,23 +10,7 @@ from collections import defaultdict
 import torch
 
 from pipeline.data import Example, content_key
-
-
-def _truncate(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """lm-eval's truncation: continuation capped at max_length - 1, context cut from the left to fit."""
-    cont = cont[: max_length - 1]
-    ctx = ctx[-(max_length - len(cont)) :] if max_length - len(cont) > 0 else []
-    return ctx, cont
-
-
-def encode_pair(tok, context: str, continuation: str, max_length: int) -> tuple[list[int], int]:
-    """Token ids of context+continuation (context truncated from the left) and the context length."""
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = tok(continuation, add_special_tokens=False)["input_ids"]
-    if not cont:
-        raise ValueError(f"empty continuation for context {context[:40]!r}")
-    ctx, cont = _truncate(ctx, cont, max_length)
-    return ctx + cont, len(ctx)
+from pipeline.data.encoding import encode_pair, truncate
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +103,7 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
     A prompt-learning PEFT model (virtual tokens: no position ids, no reusable cache) is scored pair
     by pair with :func:`continuation_logprobs` instead.
     """
-    from pipeline.adapters import is_prompt_learning
+    from pipeline.model.adapters import is_prompt_learning
 
     if is_prompt_learning(model):  # virtual tokens ignore position ids and a cache: pair by pair, right-padded
         flat = [(i, j) for i, ex in enumerate(examples) for j in range(len(ex.choices))]
@@ -151,7 +129,7 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
             cont = ids(choice)
             if not cont:
                 raise ValueError(f"empty continuation for context {ex.prompt[:40]!r}")
-            ctx, cont = _truncate(ids(ex.prompt), cont, max_length)
+            ctx, cont = truncate(ids(ex.prompt), cont, max_length)
             if not ctx:  # nothing of the context fits: like the pairwise scorer, the first token is given
                 ctx, cont = cont[:1], cont[1:]
             groups[tuple(ctx)].append((i, j, cont))

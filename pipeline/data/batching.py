@@ -9,8 +9,8 @@ from typing import Iterator
 import torch
 
 from pipeline.data import TASKS, Example, content_key, resolve_tasks, task_splits
-from pipeline.scoring import encode_pair
-from pipeline.step import IGNORE
+from pipeline.data.encoding import encode_pair
+from pipeline.data.encoding import IGNORE
 
 
 @dataclass

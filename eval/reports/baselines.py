@@ -38,7 +38,7 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
     tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
     row every other one is compared with)."""
-    from eval.arms import seed_record, sweep_trials
+    from eval.reports.arms import seed_record, sweep_trials
 
     trials = [t for t in sweep_trials(client, parent_run_id) if t.data.tags.get("rlora.adapter")]
     labels = [t.data.tags["rlora.adapter"] for t in trials]
@@ -61,7 +61,7 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
 
 def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict], Optional[str]]:
     """(columns, rows, the reference label): rows sorted by macro accuracy, best first."""
-    from eval.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell
+    from eval.reports.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell
 
     refs = [label for label, recs in arms.items() if any(r["reference"] for r in recs)]
     ref = refs[0] if len(refs) == 1 else None  # several R-LoRA shapes: no single reference

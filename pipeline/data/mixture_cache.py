@@ -20,17 +20,16 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from pipeline.batching import Mixture, build_mixture, encode_example
+from pipeline.data.batching import Mixture, build_mixture, encode_example
 from pipeline.data import Example, data_dir
 
-_CODE = ("batching.py", "scoring.py", "step.py", "data/__init__.py", "data/core.py", "data/loaders.py",
-         "data/tasks.py")
+_CODE = ("batching.py", "encoding.py", "__init__.py", "core.py", "loaders.py", "tasks.py")  # beside this file
 _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
 VERSION = 1
 
 
 def cache_dir() -> Path:
-    from pipeline.models import cache_root
+    from pipeline.runtime import cache_root
 
     return Path(os.environ.get("RLORA_MIXTURE_DIR") or cache_root() / "mixtures")
 

@@ -1,19 +1,15 @@
-"""One optimizer step's forward and backward, shared by the training loop and the benchmarks (torch
-only): gradient accumulation over micro-batches, under the run's precision, and activation
-checkpointing of the frozen base."""
+"""One optimizer step's gradients: micro-batches, autocast, gradient checkpointing, peak memory."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
 
-from pipeline.precision import autocast
+from pipeline.data.encoding import IGNORE
+from pipeline.model.precision import autocast
 
-IGNORE = -100  # label of tokens the loss does not count (prompt and padding)
 # PEFT asks every model the old name on each wrap (transformers >= 5.2x warns); nothing a user can change
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
 def enable_gradient_checkpointing(base) -> None:
     """Recompute the frozen base's activations in backward (non-reentrant; the RNG state is
     restored for the recomputation, so dropout masks are the ones of the forward), with the hook

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
-from pipeline.stages import POST_SWEEP, TAIL_ENTRY
+from pipeline.sweep.stages import POST_SWEEP, TAIL_ENTRY
 
 # the base model's held-out scoring starts in the tail if a trial has this long left ($RLORA_BASE_MIN_TAIL_S)
 BASE_MIN_TAIL_S = 10.0
@@ -140,7 +140,7 @@ class TailStart(Callback):
 
 
 class BaseHeldOut:
-    """``pipeline.base_scores.score_base`` as a Ray task holding one trial's resources, started in the
+    """``pipeline.sweep.base_scores.score_base`` as a Ray task holding one trial's resources, started in the
     sweep's tail. ``wait()`` before the summary; what it did not log (failure, cancel) the driver
     scores after the trials as before."""
 
@@ -150,7 +150,7 @@ class BaseHeldOut:
     def start(self) -> None:
         import ray
 
-        from pipeline.train import worker_resources
+        from pipeline.runtime import worker_resources
 
         if self.ref is not None:
             return
@@ -177,7 +177,7 @@ class BaseHeldOut:
 
 
 def _score_base_task(cfg, tracking_uri: str, parent_run_id: str, threads: int) -> None:
-    from pipeline.base_scores import score_base
+    from pipeline.sweep.base_scores import score_base
     from pipeline.tracking import Tracker
 
     score_base(cfg, Tracker(tracking_uri, parent_run_id), threads=threads)

@@ -5,7 +5,7 @@ builds on it: imports go one way, and the sweep finds its later stages by name."
 
 from __future__ import annotations
 
-from pipeline.config import ConfigError
+from pipeline.config.loading import ConfigError
 
 POST_SWEEP = "rlora_lab.post_sweep"  # entry-point group of the stages run after a sweep (pyproject.toml)
 TAIL_ENTRY = "eval_tail"  # the eval stage's head start in the sweep's tail

@@ -20,9 +20,9 @@ def base_parser(prog: str, doc: str, config_help: str, set_example: str,
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported in one line with exit code 2, no traceback."""
-    from pipeline.config import ConfigError
+    from pipeline.config.loading import ConfigError
     from pipeline.data import DataError
-    from pipeline.models import ModelSpecError
+    from pipeline.model.base import ModelSpecError
     from pipeline.tracking import TrackingError
 
     return (ConfigError, DataError, ModelSpecError, TrackingError)
