@@ -33,8 +33,8 @@ from typing import Optional
 import numpy as np
 
 from pipeline.claims import SELECTION, family_claims
-from pipeline.stats import Z95
 from pipeline.paired import power
+from pipeline.stats import Z95
 
 OUT = Path(__file__).parent / "results" / "claims.json"
 BETA = (0.15, 0.10)  # difficulty distribution: mean 0.6, two trials disagree on ~10 % of examples

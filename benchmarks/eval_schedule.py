@@ -23,13 +23,16 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_json
+from eval.harness import EvalJob, Evaluator, evaluate_jobs, merge_results
+from eval.stage import settings_from, unit_settings
+from pipeline.model.base import load_model, resolve_model
+from pipeline.runtime import ensure_ray
 
 
 def make_adapters(cfg, n: int, out: Path) -> list[str]:
     import torch
 
-    import rlora
-    from pipeline.model.base import load_model, resolve_model
+    import rlora  # lazy: loads peft
 
     dirs = []
     for i in range(n):
@@ -49,7 +52,6 @@ class _WholeModel:
     """The old schedule: an actor scores one model's every family before it takes the next model."""
 
     def __init__(self, settings):
-        from eval.harness import Evaluator
 
         self.ev = Evaluator(settings, "cpu", 1)
 
@@ -90,7 +92,6 @@ def policy_makespans(units: list[dict], workers: int) -> dict[str, float]:
 
 
 def run_schedule(kind: str, settings, units, models: list[tuple[str, str | None]], workers: int) -> dict:
-    from eval.harness import EvalJob, evaluate_jobs, merge_results
 
     t0 = time.perf_counter()
     if kind == "whole":
@@ -127,9 +128,7 @@ def main(argv=None):
 
     import ray
 
-    from eval.stage import settings_from, unit_settings
-    from pipeline.config.sweep import load_sweep_config
-    from pipeline.runtime import ensure_ray
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft
 
     limits = {}
     for item in args.limit:

@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_label, print_table, write_json
+from benchmarks.train_step import build_variant, load_base, measure
+from pipeline.model.precision import autocast
+from pipeline.train.step import accumulate_gradients
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
@@ -48,8 +51,7 @@ def numerics_part(device, smoke: bool) -> list[dict]:
     import torch
     from torch import nn
 
-    from pipeline.model.precision import autocast
-    from rlora import RLoraConfig, RLoraLinear
+    from rlora import RLoraConfig, RLoraLinear  # lazy: loads peft
 
     d, tokens = (64, 32) if smoke else (1536, 4096)
     rows = []
@@ -77,7 +79,7 @@ def numerics_part(device, smoke: bool) -> list[dict]:
 def layer_part(device, smoke: bool) -> dict:
     import torch
 
-    from benchmarks.layer import run, summarize
+    from benchmarks.layer import run, summarize  # lazy: loads peft
 
     grid = ({"N": [1, 3], "r": [4], "d": [64], "tokens": [128]} if smoke
             else {"N": [1, 3, 5, 8], "r": [4, 8], "d": [1536, 4096], "tokens": [2048, 8192]})
@@ -90,7 +92,6 @@ def _one_step_row(device, arch: str, precision: str, variant: str, batch: int, s
     """One measured configuration; out of memory is a row that says so, not the end of the part."""
     import torch
 
-    from benchmarks.train_step import build_variant, load_base, measure
 
     row = {"model": arch, "batch": batch, "seq": seq, "checkpointing": checkpointing}
     model = params = None
@@ -130,8 +131,6 @@ def step_part(device, smoke: bool) -> list[dict]:
 def _pack_worker(rank: int, k: int, arch: str, batch: int, seq: int, steps: int, device: str, out: str, barrier):
     import torch
 
-    from benchmarks.train_step import build_variant, load_base
-    from pipeline.train.step import accumulate_gradients
 
     model, params = build_variant("rlora_N3", load_base(f"arch:{arch}", "bf16-mixed", device))
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.runtime import free_port
 from pipeline.cluster.server import server_command, server_env, stop_server, wait_healthy
+from pipeline.runtime import free_port
 
 OUT = Path(__file__).parent / "results" / "mlflow_server.json"
 

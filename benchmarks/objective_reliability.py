@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.stats import examples_file, score_table
+from pipeline.tracking import EXAMPLES_DIR, resolve_tracking_uri
+
 OUT = Path(__file__).parent / "results" / "objective_reliability.json"
 METRICS = {"correct": "eval/mean_acc", "margin": "eval/mean_margin", "gold_logprob": "eval/mean_gold_logprob"}
 
@@ -31,8 +34,6 @@ METRICS = {"correct": "eval/mean_acc", "margin": "eval/mean_margin", "gold_logpr
 def trial_tables(client, parent_run_id: str, step=None):
     import pandas as pd
 
-    from pipeline.stats import examples_file
-    from pipeline.tracking import EXAMPLES_DIR
 
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
@@ -65,7 +66,6 @@ def trial_tables(client, parent_run_id: str, step=None):
 def reliability(tables: dict, col: str, splits: int = 500, seed: int = 0) -> dict:
     from scipy.stats import spearmanr
 
-    from pipeline.stats import score_table
 
     keys = next(iter(tables.values())).index
     mat = np.stack([t.loc[keys, col].to_numpy(np.float64) for t in tables.values()])  # trials x examples
@@ -105,7 +105,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from mlflow import MlflowClient
 
-    from pipeline.tracking import resolve_tracking_uri
 
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
     parent = args.parent

@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_label, print_table, sync, write_json
+from pipeline.data.batching import build_mixture
+from pipeline.model.base import load_model, resolve_model
+from pipeline.model.scoring import continuation_logprobs, score_choices
 
 
 def main(argv=None):
@@ -29,9 +32,6 @@ def main(argv=None):
 
     import torch
 
-    from pipeline.data.batching import build_mixture
-    from pipeline.model.base import load_model, resolve_model
-    from pipeline.model.scoring import continuation_logprobs, score_choices
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import print_table, write_json
-from pipeline.timeline import startup_summary
+from pipeline.data import data_dir
+from pipeline.timeline import PHASES, startup_summary
 
 
 def slot_breakdown(parent: tuple[float, float], trials: list[dict], slots: int) -> dict[str, float]:
@@ -38,7 +39,6 @@ def slot_breakdown(parent: tuple[float, float], trials: list[dict], slots: int) 
     last = max(t["span"][1] for t in trials)
     out = {"sweep set-up (before the first trial)": slots * (first - parent[0])}
     names = {k for t in trials for k in t["phases"]}
-    from pipeline.timeline import PHASES
 
     for name in [p for p in PHASES if p in names]:
         out[f"trial: {name}"] = sum(t["phases"].get(name, 0.0) for t in trials)
@@ -87,7 +87,6 @@ def run_once(config: str, overrides: list[str], with_eval: bool = False, code: s
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "RAY_ADDRESS": "", "RLORA_MIXTURE_DIR": f"{tmp}/mixtures"}
         if code:  # the data directory this checkout finds (the default is relative to a checkout)
-            from pipeline.data import data_dir
 
             env.setdefault("RLORA_DATA_DIR", str(data_dir()))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))

@@ -33,6 +33,10 @@ import time
 from pathlib import Path
 
 from benchmarks.common import device_label, print_table, write_json
+from pipeline.model.adapters import after_optimizer_step, peft_config
+from pipeline.model.base import load_model, resolve_model
+from pipeline.model.precision import load_dtype
+from pipeline.train.step import accumulate_gradients, enable_gradient_checkpointing
 
 VARIANTS = ["base", "peft_lora", "rlora_N3", "rlora_N5"]
 METHOD_VARIANTS = ["base", "peft_lora", "peft_lora_Nr", "peft_dora", "peft_adalora", "peft_ia3", "peft_prompt_tuning",
@@ -66,7 +70,6 @@ def load_base(model: str, precision: str, device):
     """The base model, in the dtype the precision loads it in, on ``device``."""
     import torch
 
-    from pipeline.model.precision import load_dtype
 
     dtype = getattr(torch, load_dtype(precision))
     if model.startswith("arch:"):
@@ -76,7 +79,6 @@ def load_base(model: str, precision: str, device):
         torch.manual_seed(0)
         with torch.device(device):
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **kw), dtype=dtype)
-    from pipeline.model.base import load_model
 
     return load_model(model, dtype=load_dtype(precision))[0].to(device)
 
@@ -85,7 +87,6 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     """The model a variant trains, and its trainable parameters."""
     import torch
 
-    from pipeline.train.step import enable_gradient_checkpointing
 
     if checkpointing:
         enable_gradient_checkpointing(base)
@@ -93,13 +94,12 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     if variant in PEFT_SECTIONS:
         from peft import get_peft_model
 
-        from pipeline.model.adapters import peft_config
 
         method, fields = PEFT_SECTIONS[variant]
         targets = None if method == "ia3" else TARGETS  # IA³: PEFT's own targets for the architecture
         model = get_peft_model(base, peft_config(method, fields, targets, total_step=10_000))
     elif variant.startswith("lora_moe"):
-        import rlora
+        import rlora  # lazy: loads peft
 
         n = int(variant.split("_N")[1])
         model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset("lora_moe", r=8, num_heads=n, alpha=16))
@@ -109,7 +109,7 @@ def build_variant(variant: str, base, checkpointing: bool = False):
         r = 24 if variant == "peft_lora_Nr" else 8
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, target_modules=TARGETS))
     elif variant.startswith("rlora"):
-        import rlora
+        import rlora  # lazy: loads peft
 
         n = int(variant.split("_N")[1])
         model = rlora.get_peft_model(base, rlora.RLoraConfig.from_preset("rlora", r=8, num_heads=n, alpha=16))
@@ -126,8 +126,6 @@ def measure(model, params, variant: str, batch: int, seq: int, steps: int, devic
     """Median step time over ``steps`` timed steps after one warm-up, and peak memory."""
     import torch
 
-    from pipeline.model.adapters import after_optimizer_step
-    from pipeline.train.step import accumulate_gradients
 
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -211,7 +209,6 @@ def main(argv=None):
         print(json.dumps(one(args.variant, **run)))
         return
     if not args.model.startswith("arch:"):
-        from pipeline.model.base import resolve_model
 
         resolve_model(args.model)  # convert once, outside the timed children
     variants = {"default": VARIANTS, "methods": METHOD_VARIANTS}.get(args.variants) or args.variants.split(",")

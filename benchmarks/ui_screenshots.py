@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from pipeline.cluster.server import start_server, stop_server
+from pipeline.tracking import UI_MODEL_TRAINING, default_artifact_root, resolve_tracking_uri
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,9 +61,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from mlflow import MlflowClient
 
-    from pipeline.config.sweep import load_sweep_config
-    from pipeline.cluster.server import start_server, stop_server
-    from pipeline.tracking import UI_MODEL_TRAINING, default_artifact_root, resolve_tracking_uri
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft, torch
 
     browser = chromium()
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -19,15 +19,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.config.cli import fail, user_errors
+from pipeline.paired import paired_compare
+from pipeline.runs import run_examples
+from pipeline.stats import VALUE_NAMES, display_scale, score_table
+from pipeline.tracking import check_reachable, resolve_tracking_uri
+
 
 class CompareError(ValueError):
     pass
 
 
 def compare_runs(client, run_a: str, run_b: str) -> list[dict[str, Any]]:
-    from pipeline.stats import VALUE_NAMES, display_scale, score_table
-    from pipeline.paired import paired_compare
-    from pipeline.runs import run_examples
 
     for rid in (run_a, run_b):  # both checked before anything is downloaded
         try:
@@ -79,8 +82,6 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
 
-    from pipeline.config.cli import fail, user_errors
-    from pipeline.tracking import check_reachable, resolve_tracking_uri
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)

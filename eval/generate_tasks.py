@@ -22,6 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from eval.bbh import cot_prompt, subtasks
+from pipeline.data.eval_names import choice_tasks, heldout_mixtures
+
 TASKS = Path(__file__).parent / "tasks"
 OUT = TASKS / "mmlu"
 CATEGORIES = ("stem", "other", "social_sciences", "humanities")
@@ -148,7 +151,6 @@ FEWSHOT_FILTERS = [{"name": "none", "filter": [{"function": "take_first"}]},
 
 
 def write_bbh() -> None:
-    from eval.bbh import cot_prompt, subtasks
 
     for group, (variant, template, target) in BBH_VARIANTS.items():
         d = TASKS / "bbh" / group
@@ -194,7 +196,6 @@ HELDOUT_TEMPLATE = {
 
 
 def write_heldout() -> None:
-    from pipeline.data.eval_names import choice_tasks, heldout_mixtures
 
     d = TASKS / "heldout"
     d.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from pipeline.data import data_dir
+
 # the training task's splits (pipeline.data.tasks: gsm8k trains on train.jsonl, holds out test.jsonl)
 SPLITS = {"train": "train.jsonl", "test": "test.jsonl"}
 
@@ -17,7 +19,6 @@ def load_gsm8k(**_: object):
     (chain of thought ending ``#### <number>``), in file order."""
     import datasets
 
-    from pipeline.data import data_dir
 
     root = data_dir() / "gsm8k"
     out = {}

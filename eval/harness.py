@@ -19,6 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from eval.results import flatten_scores, lmeval_examples
+from pipeline.model.adapters import detach, load
+from pipeline.model.base import load_model
+from pipeline.model.precision import autocast, load_dtype
+from pipeline.runtime import ensure_ray
+from pipeline.stats import mean_se
+
 TASK_DIR = Path(__file__).parent / "tasks"
 # lm-eval computes accuracy / exact-match standard errors analytically (its mean_stderr); only other
 # metrics are bootstrapped, with this many draws
@@ -93,8 +100,6 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, device: Optional[str] = None, threads: Optional[int] = None):
         import torch
 
-        from pipeline.model.base import load_model
-        from pipeline.model.precision import load_dtype
 
         if threads:
             torch.set_num_threads(threads)
@@ -128,7 +133,6 @@ class Evaluator:
 
     def _score(self, adapter_dir: Optional[str], settings: Optional[EvalSettings] = None):
         """(scores with their standard errors, questions per task, per-question table)."""
-        from eval.results import flatten_scores, lmeval_examples
 
         res = self.run(adapter_dir, log_samples=True, settings=settings)
         n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
@@ -141,13 +145,11 @@ class Evaluator:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-        from pipeline.model.precision import autocast
 
         for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
             logging.getLogger(name).setLevel(logging.ERROR)
         model = self.base
         if adapter_dir:
-            from pipeline.model.adapters import load
 
             model = load(self.base, adapter_dir).to(self.device)
         try:
@@ -162,7 +164,6 @@ class Evaluator:
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
-                from pipeline.model.adapters import detach
 
                 self.base = detach(model, self.base)  # the adapter layers out, the untouched base modules back
 
@@ -171,7 +172,6 @@ def pooled_stderr(scores: dict[str, float], examples) -> dict[str, float]:
     """``<family>/avg_stderr`` from the per-question table where lm-eval gives none (it reports N/A
     for a group as soon as one subtask has a single question): sd / sqrt(N) over the family's pooled
     questions, the standard error of its size-weighted average treated as one sample."""
-    from pipeline.stats import mean_se
 
     out = {}
     if examples is None or not len(examples):
@@ -229,7 +229,6 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.runtime import ensure_ray
 
     if not jobs:
         return []

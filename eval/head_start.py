@@ -21,10 +21,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from eval.harness import evaluate_jobs, merge_results
-from eval.stage import jobs_for, select_trials, settings_from, unit_settings
 from eval.record import log_results
-from pipeline.sweep.tail import pending_placement_groups
+from eval.stage import jobs_for, select_trials, settings_from, unit_settings
 from pipeline.runs import base_model_run
+from pipeline.runtime import use_gpu_for
+from pipeline.sweep.tail import pending_placement_groups
+from pipeline.tracking import Tracker
 
 SETTLED = ("FINISHED", "FAILED", "KILLED")  # a trial run in any other state may still change the ranking
 
@@ -49,8 +51,7 @@ class TailEval:
     callback thread and returns at once, the scoring runs in this object's threads."""
 
     def __init__(self, cfg, parent_run_id: str, tracking_uri: str):
-        from pipeline.sweep.tuner import expected_trials
-        from pipeline.runtime import use_gpu_for
+        from pipeline.sweep.tuner import expected_trials  # lazy: loads peft, torch
 
         self.cfg, self.parent_run_id, self.uri = cfg, parent_run_id, tracking_uri
         self.expected = expected_trials(cfg)
@@ -72,7 +73,6 @@ class TailEval:
 
     def update(self) -> list[str]:
         """Start scoring what is now certain to be scored; returns the models started by this call."""
-        from pipeline.tracking import Tracker
 
         if self.stop.is_set() or pending_placement_groups():
             return []  # a trial's worker group still waits for its slot: an eval actor must not take it

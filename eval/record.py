@@ -8,6 +8,12 @@ from typing import Optional
 
 from eval.harness import EvalSettings
 from pipeline.claims import confirm_metric
+from pipeline.data.eval_names import CATEGORY_GROUPS, FAMILIES
+from pipeline.paired import compare_family
+from pipeline.reports import AB_COL, PCT_COL, pyplot, save_figure, write_table
+from pipeline.runs import run_examples
+from pipeline.stats import examples_file, save_examples
+from pipeline.tracking import EXAMPLES_DIR, MODEL_ID_TAG, Tracker
 
 SIG_TAG = "rlora.eval.signature"
 
@@ -17,7 +23,6 @@ ROUND_TAG = "rlora.eval.round"
 
 def headline(scores: dict[str, float]) -> dict[str, float]:
     """The scores worth a column: family averages, MMLU categories, held-out accuracies."""
-    from pipeline.data.eval_names import CATEGORY_GROUPS
 
     keep = {k for k in scores if not k.endswith("_stderr") and (
         k.endswith("/avg") or k.startswith("heldout/")
@@ -29,7 +34,6 @@ def headline(scores: dict[str, float]) -> dict[str, float]:
 def register(client, name: str, run, scores: dict[str, float], metric: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import MODEL_ID_TAG
 
     tags = {k: f"{v:.4f}" for k, v in headline(scores).items()}
     tags.update({"trial_id": run.data.tags.get("rlora.trial_id", ""), metric: f"{run.data.metrics.get(metric, float('nan')):.4f}"})
@@ -65,7 +69,6 @@ def register(client, name: str, run, scores: dict[str, float], metric: str, trac
 
 
 def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[Path]:
-    from pipeline.reports import pyplot, save_figure
 
     plt = pyplot()
 
@@ -90,7 +93,6 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
 def log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
     """Scores onto each job's run, at the next eval round (a new setting is a new point, never a
     duplicate); a failed job gets its error as a tag. Returns the scores by job name."""
-    from pipeline.tracking import MODEL_ID_TAG, Tracker
 
     scores = {}
     for r in results:
@@ -105,8 +107,6 @@ def log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, 
         if r.get("examples") is not None and len(r["examples"]):
             import tempfile
 
-            from pipeline.stats import examples_file, save_examples
-            from pipeline.tracking import EXAMPLES_DIR
 
             with tempfile.TemporaryDirectory() as tmp:
                 t.log_artifact(save_examples(r["examples"], Path(tmp) / examples_file("lmeval", rnd)), EXAMPLES_DIR)
@@ -122,8 +122,6 @@ def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
     ranked by the sweep's objective, on data that is not these questions), with simultaneous 95 %
     intervals per family of comparisons (``pipeline.paired.compare_family``: every trial vs the
     base model, every other trial vs the best)."""
-    from pipeline.paired import compare_family
-    from pipeline.runs import run_examples
 
     tables = {name: run_examples(client, rid, "lmeval").get("lmeval") for name, rid in models}
     tables = {k: t for k, t in tables.items() if t is not None}
@@ -155,7 +153,6 @@ def write_comparison(rows: list[dict], keys: list[str], metric: str, params: lis
                       paired: Optional[list[dict]] = None, confirm: Optional[str] = None) -> list[Path]:
     """comparison.{md,csv,html} (every headline score as x ± se), comparison_paired.{md,csv,html}
     (paired differences to the base model and to the best trial) and comparison.png."""
-    from pipeline.reports import AB_COL, PCT_COL, write_table
 
     adapter_cols = [c for c in (PCT_COL, AB_COL) if any(r.get(c) is not None for r in rows)]
     files = list(write_table(rows, ["model", metric, *([confirm] if confirm else []), *adapter_cols, *params, *keys,
@@ -179,6 +176,5 @@ def write_comparison(rows: list[dict], keys: list[str], metric: str, params: lis
 
 
 def is_eval_metric(key: str) -> bool:
-    from pipeline.data.eval_names import FAMILIES
 
     return key.split("/")[0] in (*FAMILIES, "heldout")

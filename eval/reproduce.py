@@ -28,7 +28,22 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from eval.reports.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell, mean_std, seed_record, seeds_mean_se, sweep_trials
+from eval.reports import baselines
+from eval.reports.arms import (
+    TASK_LABELS,
+    arm_difference,
+    arm_score,
+    cell,
+    delta_cell,
+    mean_std,
+    seed_record,
+    seeds_mean_se,
+    sweep_trials,
+)
+from pipeline.config.cli import base_parser, fail, user_errors
+from pipeline.data.tasks import resolve_tasks
+from pipeline.reports import pyplot, save_figure, write_table
+from pipeline.tracking import Tracker, resolve_tracking_uri
 
 ARMS = {  # preset -> row label, in the paper's order
     "lora": "LoRA",
@@ -123,7 +138,6 @@ def claims(arms: dict[str, list[dict]]) -> list[str]:
 
 
 def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-    from pipeline.reports import pyplot, save_figure
 
     plt = pyplot()
 
@@ -150,7 +164,6 @@ def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
 
 
 def plot_grad_norms(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-    from pipeline.reports import pyplot, save_figure
 
     plt = pyplot()
 
@@ -192,8 +205,6 @@ def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str,
 
 def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_dir: Path, wall_s: Optional[float],
                  config_note: str) -> dict[str, Any]:
-    from pipeline.reports import write_table
-    from pipeline.tracking import Tracker
 
     t = Tracker(tracking_uri, parent_run_id)
     client = t.client
@@ -244,7 +255,6 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
 
 
 def main(argv=None) -> int:
-    from pipeline.config.cli import base_parser, fail, user_errors
 
     ap = base_parser("python -m eval.reproduce", __doc__, "ablation sweep YAML", "base.train.steps=60",
                      config_default="sweeps/ablation.yaml")
@@ -256,10 +266,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.table == "baselines" and args.config == ap.get_default("config"):
         args.config = "sweeps/baselines.yaml"
-    from pipeline.config.sweep import load_sweep_config
-    from pipeline.data.tasks import resolve_tasks
-    from pipeline.sweep.driver import run_sweep
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft, torch
+    from pipeline.sweep.driver import run_sweep  # lazy: loads peft, torch
 
     try:
         cfg = load_sweep_config(args.config, args.overrides)
@@ -279,7 +287,6 @@ def main(argv=None) -> int:
     note = (f"{cfg.base.model}, mixture {cfg.base.data.tasks}, {cfg.base.train.steps} steps × batch "
             f"{cfg.base.train.batch_size}, {cfg.base.data.eval_per_task} held-out examples per task")
     if args.table == "baselines":
-        from eval.reports import baselines
 
         res = baselines.write_report(uri, parent, tasks, out_dir, wall, note + f", {cfg.tune.seeds} seed(s) per adapter.")
         print(Path(res["report"]).read_text())

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pipeline.data.eval_names import FAMILIES
+from pipeline.data.eval_names import FAMILIES, heldout_names
+from pipeline.stats import EXAMPLE_COLUMNS
 
 # the metric each task family is scored by, in lm-eval's "<metric>,<filter>" result keys
 SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extract", "exact_match,strip",
@@ -15,7 +16,6 @@ SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extrac
 
 def prefixes() -> list[tuple[str, str]]:
     """(task-name prefix, family), longest first so rlora_bbh_fewshot_x is not read as rlora_bbh + fewshot_x."""
-    from pipeline.data.eval_names import heldout_names
 
     pairs = []
     for family, (local, stock, stock_sub) in FAMILIES.items():
@@ -64,7 +64,6 @@ def lmeval_examples(samples: dict[str, list[dict]]):
 
     import pandas as pd
 
-    from pipeline.stats import EXAMPLE_COLUMNS
 
     rows = []
     for task, items in samples.items():

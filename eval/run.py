@@ -20,8 +20,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from eval.harness import EvalJob, EvalSettings, Evaluator
+from eval.record import headline, log_results
+from eval.stage import EvalStageError, run_eval_stage
 from eval.task_names import EvalInputError, resolve_tasks
-
+from pipeline.config.cli import fail, user_errors
+from pipeline.config.loading import ConfigError, format_validation_error
+from pipeline.model.adapters import FULL_WEIGHTS
+from pipeline.tracking import check_reachable, resolve_tracking_uri
 
 
 def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -29,7 +35,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
     if adapter == "none":
         return None, None
     if Path(adapter).is_dir():
-        from pipeline.model.adapters import FULL_WEIGHTS
 
         if not any((Path(adapter) / f).is_file() for f in ("adapter_config.json", FULL_WEIGHTS)):
             raise EvalInputError(f"--adapter: {adapter} has no adapter_config.json (nor a full model's {FULL_WEIGHTS})")
@@ -57,7 +62,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
 
 
 def _print_scores(scores: dict[str, float]) -> None:
-    from eval.record import headline
 
     for k, v in headline(scores).items():
         if not k.endswith("_stderr"):
@@ -70,8 +74,7 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
     settings unless overridden on the command line."""
     import mlflow
 
-    from pipeline.config.sweep import SweepConfig
-    from eval.stage import EvalStageError, run_eval_stage
+    from pipeline.config.sweep import SweepConfig  # lazy: loads peft, torch
 
     try:
         path = mlflow.artifacts.download_artifacts(run_id=args.sweep, artifact_path="sweep_config.json",
@@ -88,7 +91,6 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
         data.setdefault("eval", {})["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from pydantic import ValidationError
 
-    from pipeline.config.loading import ConfigError, format_validation_error
 
     try:
         cfg = SweepConfig.model_validate(data)
@@ -128,10 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mlflow-run", default=None, help="log the scores to this MLflow run")
     ap.add_argument("--out", type=Path, default=None, help="output (default outputs/eval/...)")
     args = ap.parse_args(argv)
-    from pipeline.config.cli import fail, user_errors
 
     try:
-        from pipeline.tracking import check_reachable, resolve_tracking_uri
 
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         check_reachable(tracking_uri)
@@ -142,7 +142,6 @@ def main(argv=None) -> int:
         adapter_dir, run_from_adapter = load_adapter_dir(args.adapter, tracking_uri)
     except (EvalInputError, *user_errors()) as e:
         return fail(e)
-    from eval.harness import EvalJob, EvalSettings, Evaluator
 
     settings = EvalSettings(model=args.model, tasks=tuple(tasks), limit=args.limit, num_fewshot=args.num_fewshot,
                             batch_size=args.batch_size, gen_kwargs=args.gen_kwargs)
@@ -164,7 +163,6 @@ def main(argv=None) -> int:
     if run_id:  # scores, standard errors and the per-question table, as the eval stage logs them
         from mlflow import MlflowClient
 
-        from eval.record import log_results
 
         log_results([{**res, "run_id": run_id}], settings, tracking_uri, MlflowClient(tracking_uri))
         print(f"logged to MLflow run {run_id}")

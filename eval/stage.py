@@ -10,16 +10,21 @@ from typing import Any, Optional
 from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
 from eval.record import (
     SIG_TAG,
-    is_eval_metric,
     headline,
+    is_eval_metric,
     log_results,
     paired_rows,
     register,
     write_comparison,
 )
+from eval.task_names import resolve_tasks
 from pipeline.claims import confirm_metric
+from pipeline.model.adapters import FULL_WEIGHTS
+from pipeline.reports import adapter_cells, with_eval_section
 from pipeline.runs import base_model_run
+from pipeline.runtime import use_gpu_for
 from pipeline.sweep.stages import PostSweepError
+from pipeline.tracking import DESCRIPTION_TAG, Tracker
 
 
 class EvalStageError(PostSweepError):
@@ -28,7 +33,6 @@ class EvalStageError(PostSweepError):
 
 def settings_from(ev, model: str, precision: str = "fp32") -> EvalSettings:
     """The settings of the whole stage (its signature decides whether a run is already scored)."""
-    from eval.task_names import resolve_tasks
 
     limit = tuple(sorted(ev.limit.items())) if isinstance(ev.limit, dict) else ev.limit
     return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=limit,
@@ -40,7 +44,6 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
     """One EvalSettings per task family, with that family's limit: the units the workers share."""
     from dataclasses import replace
 
-    from eval.task_names import resolve_tasks
 
     whole = settings_from(ev, model, precision)
     return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
@@ -49,7 +52,6 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
 
 def _has_adapter(client, run_id: str) -> bool:
     """The run saved its adapter (or, full fine-tuning, its whole model) under ``adapter/``."""
-    from pipeline.model.adapters import FULL_WEIGHTS
 
     return any(a.path.endswith(("adapter_config.json", FULL_WEIGHTS)) for a in client.list_artifacts(run_id, "adapter"))
 
@@ -78,7 +80,6 @@ def select_trials(client, parent, metric: str, mode: str, top_k: int, done=_tune
 def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path, tail=None) -> dict[str, Any]:
     """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished
     (``tail``: what it started in the sweep's tail, ``eval.head_start``)."""
-    from pipeline.runtime import use_gpu_for
 
     return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
                           cfg.name, list(cfg.search), out_dir, precision=cfg.base.train.precision,
@@ -90,8 +91,6 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
                    precision: str = "fp32", use_gpu: Optional[bool] = None, tail=None) -> dict[str, Any]:
     """``tail`` (``eval.head_start.TailEval``): the part of the stage started while the sweep's last trials
     ran; its models are not scored again, the stage waits for them."""
-    from pipeline.reports import adapter_cells
-    from pipeline.tracking import Tracker
 
     tracker = Tracker(tracking_uri, parent_run_id)
     client = tracker.client
@@ -147,8 +146,6 @@ def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric
     for f in files:
         tracker.log_artifact(f, "eval")
     tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
-    from pipeline.reports import with_eval_section
-    from pipeline.tracking import DESCRIPTION_TAG
 
     note = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "")
     tracker.set_description(with_eval_section(note, f"Registered model `{registry}`.\n\n" + files[0].read_text()))

@@ -3,6 +3,7 @@ project's offline tasks (``eval/tasks``), or passed to lm-eval as they are (``--
 
 from __future__ import annotations
 
+from eval.harness import task_manager
 from pipeline.data.eval_names import local_names
 
 
@@ -12,7 +13,6 @@ class EvalInputError(ValueError):
 
 def resolve_tasks(names: list[str], source: str) -> list[str]:
     if source == "stock":  # lm-eval's own tasks (their datasets come from the hub)
-        from eval.harness import task_manager
 
         known_stock = set(task_manager(stock=True).all_tasks) - set(task_manager().all_tasks)
         for n in names:

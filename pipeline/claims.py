@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pipeline.paired import Comparison, compare_family, paired_compare
+from pipeline.reports import BASE_COL, DELTA_COL
+from pipeline.runs import run_examples
 from pipeline.stats import display_scale, objective_column, score_table
 
 SELECTION, CONFIRMATION = "selection", "confirmation"
@@ -101,8 +103,6 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None, base_conf
     labelled as such. Adds to the rows the confirmation score (``confirm/<metric>`` ± se),
     ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
     each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
-    from pipeline.reports import BASE_COL, DELTA_COL
-    from pipeline.runs import run_examples
 
     col = objective_column(metric)
     if col is None or not ranked:

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import rlora
-from pipeline.data.batching import LengthAwareBatches, encode_example
 from pipeline.data import DataError, load_sst2
+from pipeline.data.batching import LengthAwareBatches, encode_example
 from pipeline.model.base import DEFAULT_MODEL, ModelSpecError, load_model
 from pipeline.model.scoring import choice_accuracy_by_task
 from rlora.analysis import head_similarity, plot_head_similarity, similarity_summary

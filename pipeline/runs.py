@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline.reports import pyplot, save_figure
+from pipeline.stats import load_examples
 from pipeline.tracking import EXAMPLES_DIR, ROLE_TAG, Tracker
 
 
@@ -28,7 +30,6 @@ def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, A
     """The latest per-example table of each kind (``heldout``, ``lmeval``) on a run, as DataFrames."""
     import tempfile
 
-    from pipeline.stats import load_examples
 
     latest: dict[str, str] = {}
     for a in client.list_artifacts(run_id, EXAMPLES_DIR):
@@ -47,7 +48,6 @@ def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, A
 
 def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") -> Optional[Path]:
     """One panel per metric key, from the run's metric history in MLflow."""
-    from pipeline.reports import pyplot, save_figure
 
     plt = pyplot()
 

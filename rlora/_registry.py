@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from peft.utils import PeftType, register_peft_method
 
+from .config import RLoraConfig
+
 NAME = "rlora"
 PEFT_TYPE_NAME = NAME.upper()
 
@@ -36,7 +38,6 @@ def register() -> None:
     _add_enum_member(PeftType, PEFT_TYPE_NAME)
     if PeftType.RLORA in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    from .config import RLoraConfig
-    from .model import RLoraModel
+    from .model import RLoraModel  # lazy: loads torch
 
     register_peft_method(name=NAME, config_cls=RLoraConfig, model_cls=RLoraModel, prefix="rlora_")

@@ -8,6 +8,10 @@ import math
 import statistics
 from typing import Any, Optional
 
+from pipeline.paired import family_crit, paired_compare
+from pipeline.runs import run_examples
+from pipeline.stats import seed_average, seed_mean_se
+
 TASK_LABELS = {"sst2": "SST-2", "qnli": "QNLI", "piqa": "PIQA", "siqa": "SIQA", "boolq": "BoolQ*", "qqp": "QQP"}
 
 
@@ -40,7 +44,6 @@ def sweep_trials(client, parent_run_id: str) -> list:
 
 def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
     """One seed's held-out results: per-example table, per-task and macro accuracy, its seed."""
-    from pipeline.runs import run_examples
 
     m = run.data.metrics
     return {"examples": run_examples(client, run.info.run_id, "heldout").get("heldout"),
@@ -50,7 +53,6 @@ def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
 
 def seed_avg(recs: list[dict]):
     """Per-example outcomes averaged over an arm's seeds (examples every seed scored)."""
-    from pipeline.stats import seed_average
 
     return seed_average([r.get("examples") for r in recs])
 
@@ -58,7 +60,6 @@ def seed_avg(recs: list[dict]):
 def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[float], Optional[float]]:
     """(mean over seeds, standard error over seeds and examples) of an arm's accuracy on one task
     or (task None) on the macro average."""
-    from pipeline.stats import seed_mean_se
 
     per_seed = [r["acc"][task] if task else r["mean_acc"] for r in recs]
     per_seed = [x for x in per_seed if x is not None]
@@ -73,7 +74,6 @@ def arm_difference(a: list[dict], b: list[dict], m: int = 1) -> Optional[dict]:
     seeds (per-seed differences, seeds matched by value). None without per-example tables. ``m``: the
     comparisons made against the same reference; the interval holds jointly over them (Bonferroni,
     ``pipeline.paired.family_crit``), so "resolved" is wrong for at most 5 % of families."""
-    from pipeline.paired import family_crit, paired_compare
 
     ta, tb = seed_avg(a), seed_avg(b)
     if ta is None or tb is None:

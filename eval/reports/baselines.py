@@ -18,6 +18,11 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
+from eval.reports.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell, seed_record, sweep_trials
+from pipeline.reports import write_table
+from pipeline.tracking import Tracker
+
+
 def _records(client, run) -> list:
     """The runs that hold one seed each: the trial itself, or its nested seed runs."""
     seed_runs = run.data.tags.get("rlora.seed_runs")
@@ -38,7 +43,6 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
     tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
     row every other one is compared with)."""
-    from eval.reports.arms import seed_record, sweep_trials
 
     trials = [t for t in sweep_trials(client, parent_run_id) if t.data.tags.get("rlora.adapter")]
     labels = [t.data.tags["rlora.adapter"] for t in trials]
@@ -61,7 +65,6 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
 
 def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict], Optional[str]]:
     """(columns, rows, the reference label): rows sorted by macro accuracy, best first."""
-    from eval.reports.arms import TASK_LABELS, arm_difference, arm_score, cell, delta_cell
 
     refs = [label for label, recs in arms.items() if any(r["reference"] for r in recs)]
     ref = refs[0] if len(refs) == 1 else None  # several R-LoRA shapes: no single reference
@@ -93,8 +96,6 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
                  config_note: str) -> dict[str, Any]:
     """The report (markdown, csv, html) in ``out_dir``, logged to the sweep's parent run under
     ``reproduce/``."""
-    from pipeline.reports import write_table
-    from pipeline.tracking import Tracker
 
     t = Tracker(tracking_uri, parent_run_id)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,18 @@ from typing import Optional
 
 import yaml
 
-from pipeline.cluster.manifests import ClusterShape, ManifestError, add_cluster_args, gpu_overrides, k8s_name, raycronjob, rayjob, shape_from_args
+from pipeline.cluster.manifests import (
+    ClusterShape,
+    ManifestError,
+    add_cluster_args,
+    gpu_overrides,
+    k8s_name,
+    raycronjob,
+    rayjob,
+    shape_from_args,
+)
 from pipeline.cluster.submit import ROOT, SubmitError, config_in_project, entrypoint
+from pipeline.config.cli import fail, user_errors
 
 CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
 
@@ -54,7 +64,7 @@ def manifests(config: str, cron: str, tracking_uri: Optional[str], overrides: li
     """``kind`` raycronjob: one KubeRay RayCronJob. cronjob: a Kubernetes CronJob that runs
     ``kubectl create`` on a RayJob kept in a ConfigMap, with the ServiceAccount/Role it needs
     (for KubeRay operators older than 1.6)."""
-    from pipeline.config.sweep import load_sweep_config
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft, torch
 
     cfg = load_sweep_config(config, overrides)
     name = k8s_name(cfg.name)
@@ -102,7 +112,6 @@ def crontab_line(config: str, cron: str, address: str, tracking_uri: Optional[st
 
 
 def main(argv=None) -> int:
-    from pipeline.config.cli import fail, user_errors
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.schedule", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -22,6 +22,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional
 
+from pipeline.runtime import free_port
+
 
 def server_command(backend_store_uri: str, artifacts_destination: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
@@ -60,7 +62,6 @@ def start_server(backend_store_uri: str, artifacts_destination: str, host: str =
 
     ``port=0`` picks a free port; if another process takes it before the server binds it (the
     server then exits at once), a new one is picked, ``attempts`` times in all."""
-    from pipeline.runtime import free_port
 
     backend_store_uri, artifacts_destination = _absolute(backend_store_uri, artifacts_destination)
     for attempt in range(attempts if port == 0 else 1):

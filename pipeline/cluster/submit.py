@@ -24,7 +24,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from pipeline.cluster.manifests import ManifestError, add_cluster_args
+from pipeline.cluster.manifests import (
+    ManifestError,
+    add_cluster_args,
+    gpu_overrides,
+    k8s_name,
+    raycluster,
+    rayjob,
+    shape_from_args,
+)
+from pipeline.config.cli import fail, user_errors
+from pipeline.data.core import ENV_VAR, DataError
+from pipeline.data.core import data_dir as local_data_dir
+from pipeline.tracking import check_reachable
 
 ROOT = Path(__file__).resolve().parents[2]
 EXCLUDES = [".git", ".venv", "venv", ".cache", "__pycache__", "*.pyc", "outputs", "mlruns", "mlartifacts",
@@ -66,7 +78,6 @@ def config_in_project(config: str) -> str:
 
 
 def check_tracking_uri(uri: str) -> None:
-    from pipeline.tracking import check_reachable
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_absolute():
         raise SubmitError(f"tracking URI {uri}: a relative sqlite path would land inside the job's temporary "
@@ -98,13 +109,12 @@ def _first_line(e: BaseException) -> str:
 def submit(address: str, config: str, tracking_uri: Optional[str], overrides: list[str],
            data_dir: Optional[str] = None, token_file: Optional[str] = None, job_id: Optional[str] = None) -> tuple:
     """Validate, then submit; returns (client, job id, entrypoint)."""
-    from pipeline.config.sweep import load_sweep_config
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft, torch
 
     cfg = load_sweep_config(config, overrides)  # one-line ConfigError before anything leaves this machine
     uri = tracking_uri or cfg.base.mlflow.tracking_uri
     check_tracking_uri(uri)
     if data_dir is None:  # the path resolved here ($RLORA_DATA_DIR or ../shared/data), taken to be the
-        from pipeline.data.core import ENV_VAR, DataError, data_dir as local_data_dir  # same on the cluster
 
         try:
             data_dir = str(local_data_dir().resolve())
@@ -145,8 +155,7 @@ def yaml_manifest(args) -> str:
     (GPU training switched on when the worker pods have GPUs), or a RayCluster to submit it to."""
     import yaml
 
-    from pipeline.config.sweep import load_sweep_config
-    from pipeline.cluster.manifests import gpu_overrides, k8s_name, raycluster, rayjob, shape_from_args
+    from pipeline.config.sweep import load_sweep_config  # lazy: loads peft, torch
 
     cfg = load_sweep_config(args.config, args.overrides)
     env = runtime_env(args.tracking_uri, args.data_dir)["env_vars"]
@@ -160,7 +169,6 @@ def yaml_manifest(args) -> str:
 
 
 def main(argv=None) -> int:
-    from pipeline.config.cli import fail, user_errors
 
     ap = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

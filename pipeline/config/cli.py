@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.config.loading import ConfigError
+from pipeline.data import DataError
+from pipeline.model.base import ModelSpecError
+from pipeline.tracking import TrackingError
+
 
 def base_parser(prog: str, doc: str, config_help: str, set_example: str,
                 config_default: str | None = None) -> argparse.ArgumentParser:
@@ -20,10 +25,6 @@ def base_parser(prog: str, doc: str, config_help: str, set_example: str,
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported in one line with exit code 2, no traceback."""
-    from pipeline.config.loading import ConfigError
-    from pipeline.data import DataError
-    from pipeline.model.base import ModelSpecError
-    from pipeline.tracking import TrackingError
 
     return (ConfigError, DataError, ModelSpecError, TrackingError)
 

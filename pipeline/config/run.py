@@ -24,6 +24,7 @@ from pipeline.config.loading import (
     parse_overrides,
 )
 from pipeline.data import MIXTURES, TASKS
+from pipeline.model.adapters import PEFT_DEFAULTS, PEFT_METHODS, RLORA_METHODS, peft_config
 from pipeline.model.base import DEFAULT_MODEL
 
 
@@ -64,7 +65,6 @@ class AdapterSection(Strict):
     @field_validator("lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
     @classmethod
     def _peft_fields(cls, v, info):
-        from pipeline.model.adapters import peft_config
 
         if v:
             # names and types (the step schedule against train.steps: RunConfig)
@@ -72,21 +72,18 @@ class AdapterSection(Strict):
         return v
 
     def to_peft(self, total_steps: Optional[int] = None):
-        from pipeline.model.adapters import peft_config
 
         return peft_config(self.method, getattr(self, self.method), self.target_modules, total_steps)
 
     @property
     def uses_rlora(self) -> bool:
         """Built by this project's tuner (``rlora/``) from the fields above, not by a PEFT config class."""
-        from pipeline.model.adapters import RLORA_METHODS
 
         return self.method in RLORA_METHODS
 
     @property
     def uses_peft(self) -> bool:
         """Built by one of PEFT's config classes from the method's own section."""
-        from pipeline.model.adapters import PEFT_METHODS
 
         return self.method in PEFT_METHODS
 
@@ -106,7 +103,6 @@ class AdapterSection(Strict):
         """Short name of the adapter (run names, tags)."""
         if self.uses_rlora:
             return f"{self.tuner_preset}-N{self.num_heads}-r{self.r}"
-        from pipeline.model.adapters import PEFT_DEFAULTS
 
         fields = {**PEFT_DEFAULTS.get(self.method, {}), **getattr(self, self.method, {})}
         r = fields.get("r", fields.get("init_r"))
@@ -114,7 +110,6 @@ class AdapterSection(Strict):
         return f"{self.method}" + (f"-r{r}" if r is not None else "") + (f"-v{v}" if v is not None else "")
 
     def to_rlora(self) -> rlora.RLoraConfig:
-        from pipeline.model.adapters import PEFT_METHODS
 
         if not self.uses_rlora:
             raise ValueError(f"adapter.method is {self.method}, not rlora")

@@ -21,6 +21,8 @@ from pipeline.config.loading import (
     parse_overrides,
 )
 from pipeline.config.run import GpuShare, RunConfig, Strict
+from pipeline.data.eval_names import local_names
+from pipeline.model.adapters import PEFT_METHODS, configurable_fields
 
 
 # ------------------------------------------------------------------------------------- sweeps
@@ -107,7 +109,6 @@ class EvalSection(Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str], info) -> list[str]:
-        from pipeline.data.eval_names import local_names
 
         if info.data.get("task_source", "local") == "local":
             known = local_names()
@@ -131,7 +132,6 @@ class EvalSection(Strict):
 
 
 def _field_exists(path: str) -> bool:
-    from pipeline.model.adapters import PEFT_METHODS, configurable_fields
 
     parts = path.split(".")
     if len(parts) == 3 and parts[0] == "adapter" and parts[1] in PEFT_METHODS:  # a field of PEFT's config class

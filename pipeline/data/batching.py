@@ -9,8 +9,7 @@ from typing import Iterator
 import torch
 
 from pipeline.data import TASKS, Example, content_key, resolve_tasks, task_splits
-from pipeline.data.encoding import encode_pair
-from pipeline.data.encoding import IGNORE
+from pipeline.data.encoding import IGNORE, encode_pair
 
 
 @dataclass

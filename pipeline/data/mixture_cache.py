@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from pipeline.data.batching import Mixture, build_mixture, encode_example
 from pipeline.data import Example, data_dir
+from pipeline.data.batching import Mixture, build_mixture, encode_example
+from pipeline.runtime import cache_root
 
 _CODE = ("batching.py", "encoding.py", "__init__.py", "core.py", "loaders.py", "tasks.py")  # beside this file
 _WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
@@ -29,7 +30,6 @@ VERSION = 1
 
 
 def cache_dir() -> Path:
-    from pipeline.runtime import cache_root
 
     return Path(os.environ.get("RLORA_MIXTURE_DIR") or cache_root() / "mixtures")
 

@@ -88,7 +88,7 @@ def build(base, section, total_steps: Optional[int] = None):
     """``base`` wrapped with the adapter ``section`` (an AdapterSection) describes; only the adapter trains."""
     import peft
 
-    import rlora
+    import rlora  # lazy: loads peft, torch
 
     if section.method == FULL:
         return base.requires_grad_(True)
@@ -120,7 +120,7 @@ def ab_matrices(model) -> Optional[str]:
     A, a B per head), LoRA-MoE ``N/N``, LoRA, DoRA and AdaLoRA ``1/1``; None without A and B (IA³)."""
     from peft.tuners.lora import LoraLayer
 
-    from rlora.layer import RLoraLayer
+    from rlora.layer import RLoraLayer  # lazy: loads peft, torch
 
     for module in model.modules():
         if isinstance(module, RLoraLayer) and module.rlora_settings:
@@ -192,7 +192,7 @@ def load(base, path: str | Path, is_trainable: bool = False):
     from peft import PeftModel, get_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    import rlora
+    import rlora  # lazy: loads peft, torch
 
     path = Path(path)
     if not (path / "adapter_config.json").exists():

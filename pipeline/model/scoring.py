@@ -11,6 +11,7 @@ import torch
 
 from pipeline.data import Example, content_key
 from pipeline.data.encoding import encode_pair, truncate
+from pipeline.model.adapters import is_prompt_learning
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +104,6 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
     A prompt-learning PEFT model (virtual tokens: no position ids, no reusable cache) is scored pair
     by pair with :func:`continuation_logprobs` instead.
     """
-    from pipeline.model.adapters import is_prompt_learning
 
     if is_prompt_learning(model):  # virtual tokens ignore position ids and a cache: pair by pair, right-padded
         flat = [(i, j) for i, ex in enumerate(examples) for j in range(len(ex.choices))]

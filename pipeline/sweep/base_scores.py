@@ -8,7 +8,14 @@ import time
 from typing import Any, Optional
 
 from pipeline.config.sweep import SweepConfig
-from pipeline.runs import parent_metric
+from pipeline.data.batching import confirmation_examples
+from pipeline.data.mixture_cache import tokenised_mixture
+from pipeline.model.base import load_model, resolve_model
+from pipeline.model.precision import autocast, load_dtype
+from pipeline.runs import base_model_run, parent_metric, run_examples
+from pipeline.stats import objective_column
+from pipeline.tracking import Tracker
+from pipeline.train.heldout import evaluate, evaluate_confirmation, log_examples
 
 
 def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tuple[Optional[Any], Optional[Any]]:
@@ -19,9 +26,6 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
     the per-example table), the confirmation scores on the base model's child run
     (``confirm/<metric>`` ± se and its table), so the summary can say whether fine-tuning helped at
     all, with the same paired test as between trials. Returns (selection table, confirmation table)."""
-    from pipeline.data.batching import confirmation_examples
-    from pipeline.runs import base_model_run, run_examples
-    from pipeline.stats import objective_column
 
     if objective_column(cfg.tune.metric) is None:
         return None, None
@@ -33,11 +37,6 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
         return found, confirmed
     import torch
 
-    from pipeline.data.mixture_cache import tokenised_mixture
-    from pipeline.model.base import load_model, resolve_model
-    from pipeline.model.precision import autocast, load_dtype
-    from pipeline.tracking import Tracker
-    from pipeline.train.heldout import evaluate, evaluate_confirmation, log_examples
 
     t0 = time.time()
     d = cfg.base.data

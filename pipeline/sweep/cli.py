@@ -8,13 +8,14 @@ import sys
 from pathlib import Path
 
 from pipeline.claims import confirm_metric
+from pipeline.config.cli import base_parser, fail, user_errors
 from pipeline.config.sweep import SweepConfig, load_sweep_config
+from pipeline.sweep.console import Console
 from pipeline.sweep.driver import LOG_FILE, run_sweep
 from pipeline.sweep.stages import PostSweepError
 
 
 def main(argv=None) -> int:
-    from pipeline.config.cli import base_parser, fail, user_errors
 
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
@@ -32,7 +33,6 @@ def main(argv=None) -> int:
         cfg = load_sweep_config(args.config, args.overrides)
     except user_errors() as e:
         return fail(e)
-    from pipeline.sweep.console import Console
 
     if not args.verbose:  # third-party progress bars in this process, at their source
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -72,7 +72,6 @@ def _attach_log(console) -> None:
 
 
 def _run_and_report(cfg: SweepConfig, args, console) -> int:
-    from pipeline.config.cli import fail, user_errors
 
     try:
         out = run_sweep(cfg, args.config, args.resume, console, retry_errored=args.retry_errored)

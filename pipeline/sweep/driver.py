@@ -12,12 +12,17 @@ from typing import Any, Optional
 from pipeline import __version__, timeline
 from pipeline.config.loading import ConfigError
 from pipeline.config.sweep import SweepConfig
+from pipeline.model.base import resolve_model
+from pipeline.runs import base_model_run
+from pipeline.runtime import ensure_ray
+from pipeline.stats import objective_column
 from pipeline.sweep.base_scores import score_base
 from pipeline.sweep.notes import precision_note
 from pipeline.sweep.stages import post_sweep_stage
 from pipeline.sweep.summary import summarize
 from pipeline.sweep.trial import trial_ended
 from pipeline.sweep.tuner import build_tuner, concurrency, expected_trials
+from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 STATE_FILE = "sweep_state.json"
 # The sweep directory's format. 2: pipeline/ laid out by stage (rlora-lab 0.2.0); Tune's saved state
@@ -62,10 +67,6 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     goes in the sweep directory and is attached to the parent run. ``retry_errored`` (with ``resume``):
     trials that ended in an error run again, from their last checkpoint."""
     t0 = time.time()
-    from pipeline.model.base import resolve_model
-    from pipeline.runs import base_model_run
-    from pipeline.runtime import ensure_ray
-    from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.base.mlflow.tracking_uri)
     check_reachable(tracking_uri)
@@ -96,8 +97,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     print(f"sweep {cfg.name}: {sweep_dir}\nMLflow parent run {tracker.run_id} ({tracking_uri})", flush=True)
     print(precision_note(cfg), flush=True)
 
-    from pipeline.stats import objective_column
-    from pipeline.sweep.tail import BaseHeldOut, TailStart, tail_stage
+    from pipeline.sweep.tail import BaseHeldOut, TailStart, tail_stage  # lazy: loads ray
 
     # the eval stage's head start and the base model's held-out scoring in the sweep's tail
     # (not on --resume: Tune restores a sweep with the callbacks it started with)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pipeline.config.sweep import SweepConfig
+from pipeline.data import resolve_tasks
+from pipeline.data.batching import confirmation_examples
+from pipeline.paired import family_crit, paired_se
+from pipeline.stats import expected_se, objective_column
 from pipeline.sweep.tuner import expected_trials
 
 TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials answer differently (measured)
@@ -10,8 +14,6 @@ TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials an
 
 def precision_note(cfg: SweepConfig) -> str:
     """What standard error the sweep's settings give its objective and its claims, said before it starts."""
-    from pipeline.data import resolve_tasks
-    from pipeline.stats import expected_se, objective_column
 
     n_tasks = len(resolve_tasks(cfg.base.data.tasks))
     n = cfg.base.data.eval_per_task
@@ -35,9 +37,6 @@ def confirm_note(cfg: SweepConfig) -> str:
     pool has left after the selection split), and what a paired difference there can resolve."""
     from collections import Counter
 
-    from pipeline.data.batching import confirmation_examples
-    from pipeline.paired import family_crit, paired_se
-    from pipeline.stats import objective_column
 
     per_task = Counter(e.task for e in confirmation_examples(cfg.base.data))
     if not per_task:

@@ -11,7 +11,9 @@ from typing import Any
 from pipeline import timeline
 from pipeline.claims import claims_note, compare_trials, confirm_metric
 from pipeline.config.sweep import SweepConfig
+from pipeline.reports import adapter_cells, plot_objective_vs_params, section_cell, sweep_description, trials_table
 from pipeline.runs import parent_metric
+from pipeline.tracking import ui_column
 
 
 def end_stopped(client, run_id: str, status: str, metrics: dict) -> None:
@@ -33,12 +35,6 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=(None, N
     """Reconcile child runs with Tune's trial states, log table + plot + best config to the parent
     (``base``: the base model's per-example tables on the selection and confirmation splits, for
     the Δ-vs-base column)."""
-    from pipeline.reports import (
-        adapter_cells,
-        plot_objective_vs_params,
-        section_cell,
-        trials_table,
-    )
 
     rows = []
     for r in results:
@@ -105,7 +101,6 @@ def summarize(cfg: SweepConfig, results, tracker, sweep_dir: Path, base=(None, N
         tracker.set_tags({"rlora.best_vs_base": vs_base})
     if claims is not None:
         tracker.set_tags({"rlora.claims_split": claims.split, "rlora.claims_resolved": ",".join(claims.resolved())})
-    from pipeline.reports import sweep_description
 
     exp_id = tracker.client.get_run(tracker.run_id).info.experiment_id
     tracker.set_description(sweep_description(cfg.name, cfg.tune.metric, best, list(cfg.search), [verdict, vs_base],
@@ -127,7 +122,6 @@ def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
     """The MLflow UI's runs table for this sweep: its trials expanded under the parent run, sorted by
     the objective, with the objective ± se, the held-out means, the searched parameters, the
     dataset and the logged model as columns. Returns the UI route (printed at the end)."""
-    from pipeline.tracking import ui_column
 
     metrics = [cfg.tune.metric, f"{cfg.tune.metric}_stderr", "eval/mean_acc", "eval/mean_margin", "train/loss"]
     columns = [ui_column("attributes", "Dataset"), ui_column("attributes", "Models")]

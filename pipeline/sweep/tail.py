@@ -16,7 +16,9 @@ from typing import Any, Optional
 
 from ray.tune import Callback
 
+from pipeline.runtime import worker_resources
 from pipeline.sweep.stages import POST_SWEEP, TAIL_ENTRY
+from pipeline.tracking import Tracker
 
 # the base model's held-out scoring starts in the tail if a trial has this long left ($RLORA_BASE_MIN_TAIL_S)
 BASE_MIN_TAIL_S = 10.0
@@ -150,7 +152,6 @@ class BaseHeldOut:
     def start(self) -> None:
         import ray
 
-        from pipeline.runtime import worker_resources
 
         if self.ref is not None:
             return
@@ -177,7 +178,6 @@ class BaseHeldOut:
 
 
 def _score_base_task(cfg, tracking_uri: str, parent_run_id: str, threads: int) -> None:
-    from pipeline.sweep.base_scores import score_base
-    from pipeline.tracking import Tracker
+    from pipeline.sweep.base_scores import score_base  # lazy: loads peft, torch
 
     score_base(cfg, Tracker(tracking_uri, parent_run_id), threads=threads)

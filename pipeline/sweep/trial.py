@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config.run import RunConfig
+from pipeline.runs import run_examples
+from pipeline.runtime import error_line
+from pipeline.stats import examples_file, save_examples, score_metrics, seed_average, seed_metrics
 from pipeline.sweep.space import trial_run_config
+from pipeline.sweep.tune_state import await_recorded
+from pipeline.tracking import EXAMPLES_DIR, Tracker
+from pipeline.train.driver import adapter_model, run_training
 
 
 def _intermediate_reports(final_step: int):
@@ -30,8 +36,6 @@ def run_trial(params: dict[str, Any], ctx: dict) -> None:
     t_start = time.time()
     from ray import tune
 
-    from pipeline.sweep.tune_state import await_recorded
-    from pipeline.train.driver import run_training
 
     trial_id = tune.get_context().get_trial_id()
     await_recorded(ctx["tune_storage"], trial_id)  # before the trial's MLflow run: --resume must know it
@@ -56,17 +60,6 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     examples, that table, and seed 0's adapter (what the eval stage scores)."""
     import tempfile
 
-    from pipeline.runs import run_examples
-    from pipeline.runtime import error_line
-    from pipeline.stats import (
-        examples_file,
-        save_examples,
-        score_metrics,
-        seed_average,
-        seed_metrics,
-    )
-    from pipeline.tracking import EXAMPLES_DIR, Tracker
-    from pipeline.train.driver import run_training
 
     t = Tracker(cfg.mlflow.tracking_uri)
     existing = t.find_trial_run(ctx["experiment"], trial_id, ctx["parent_run_id"])
@@ -94,7 +87,6 @@ def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -
     averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
     metrics = seed_metrics([o["metrics"] for o in outs], averaged)
     steps = cfg.train.steps
-    from pipeline.train.driver import adapter_model
 
     model_id = adapter_model(t, f"trial-{trial_id}", cfg)
     t.log_metrics(metrics, step=steps, model_id=model_id)

@@ -7,8 +7,10 @@ from typing import Optional
 
 from pipeline.config.loading import ConfigError
 from pipeline.config.sweep import SweepConfig
+from pipeline.runtime import use_gpu_for, worker_resources
 from pipeline.sweep.space import param_space
 from pipeline.sweep.trial import run_trial
+from pipeline.sweep.tune_state import save_often
 
 
 def expected_trials(cfg: SweepConfig) -> int:
@@ -30,7 +32,6 @@ def concurrency(cfg: SweepConfig) -> int:
     shares when training on GPUs), how many trials' worth the cluster has; the smallest count."""
     import ray
 
-    from pipeline.runtime import use_gpu_for, worker_resources
 
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
@@ -59,7 +60,7 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from pipeline.sweep.optuna_search import ResumableOptunaSearch
+    from pipeline.sweep.optuna_search import ResumableOptunaSearch  # lazy: loads optuna, ray
 
     where = ray_storage(cfg, sweep_dir)
     ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
@@ -72,11 +73,9 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     # the trial's own process, the trial holds what its one worker would have.
     resources = {"CPU": 0, "memory": 2**20}
     if cfg.tune.train_in_trial:
-        from pipeline.runtime import use_gpu_for, worker_resources
 
         resources.update(worker_resources(cfg.base.scaling, use_gpu_for(cfg.base.scaling.use_gpu)))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
-    from pipeline.sweep.tune_state import save_often
 
     save_often(ctx["tune_storage"])
     if resume:

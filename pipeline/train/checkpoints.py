@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.model import adapters
+
 TRAINER_STATE = "trainer_state.pt"
 
 
 def save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
     import torch
 
-    from pipeline.model import adapters
 
     model.save_pretrained(directory / "adapter")
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 **adapters.training_state(model)}, directory / TRAINER_STATE)
     if final:
-        from rlora.analysis import head_similarity, plot_head_similarity, plot_head_tsne
+        from rlora.analysis import head_similarity, plot_head_similarity, plot_head_tsne  # lazy: loads peft, torch
 
         sims = head_similarity(model)
         if sims:
@@ -34,7 +35,6 @@ class CheckpointError(RuntimeError):
 def restore_checkpoint(model, opt, sched, directory: Path, device="cpu") -> int:
     """A checkpoint ``save_checkpoint`` wrote, back into a freshly built run: the trained weights,
     the optimizer's and scheduler's state; the step it was written at."""
-    from pipeline.model import adapters
 
     state = load_trainer_state(Path(directory) / TRAINER_STATE, device)
     adapters.restore(model, Path(directory) / "adapter", state)

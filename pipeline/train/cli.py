@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.config.cli import base_parser, fail, user_errors
 from pipeline.config.run import load_run_config
 from pipeline.train.driver import run_training
 
 
 def main(argv=None) -> int:
-    from pipeline.config.cli import base_parser, fail, user_errors
 
     args = base_parser("python -m pipeline.train", __doc__, "run YAML (see configs/)", "train.steps=20").parse_args(argv)
     try:

@@ -8,7 +8,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pipeline import timeline
 from pipeline.config.run import RunConfig
+from pipeline.model import adapters
+from pipeline.model.base import resolve_model
+from pipeline.runs import plot_curves
 from pipeline.runtime import (
     ensure_ray,
     error_line,
@@ -16,9 +20,9 @@ from pipeline.runtime import (
     use_gpu_for,
     worker_resources,
 )
+from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
+from pipeline.train.in_trial import InProcess
 from pipeline.train.worker import train_loop_per_worker
-
-
 
 
 def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
@@ -51,10 +55,6 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline import timeline
-    from pipeline.model import adapters
-    from pipeline.model.base import resolve_model
-    from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 
     out_dir = Path(cfg.output_dir).resolve()
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
@@ -123,7 +123,6 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
 def _run_in_trial(cfg: RunConfig, loop_config: dict, storage: str, name: str, callbacks) -> tuple:
     import ray.train
 
-    from pipeline.train.in_trial import InProcess
 
     if cfg.scaling.num_workers != 1 or "://" in storage.removeprefix("file://"):
         raise ValueError("in_trial: one worker, and checkpoints on a local path")
@@ -135,8 +134,6 @@ def _run_in_trial(cfg: RunConfig, loop_config: dict, storage: str, name: str, ca
 def _finish_run(cfg: RunConfig, tracker, run_id: str, model_id: str, run_name: str, t_start: float, t0: float,
                 result_metrics: dict, checkpoint) -> dict[str, Any]:
     """After training: the failure checks, the adapter and figures logged, the run FINISHED."""
-    from pipeline import timeline
-    from pipeline.runs import plot_curves
 
     out_dir = Path(cfg.output_dir).resolve()
     t_fit_end = time.time()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from pipeline.stats import EXAMPLE_COLUMNS, examples_file, save_examples, score_metrics
+from pipeline.tracking import EXAMPLES_DIR
+
 
 def score_held_out(model, tok, examples, max_length: int, rank: int = 0, world: int = 1) -> list[dict]:
     """Per-example outcomes of the multiple-choice held-out examples, scored in shards over the
     ``world`` DDP ranks (rank r takes examples r, r+W, ...) and gathered in input order on every rank."""
-    from pipeline.model.scoring import score_choices
+    from pipeline.model.scoring import score_choices  # lazy: loads torch
 
     rows = score_choices(model, tok, examples[rank::world], max_length)
     if world == 1:
@@ -30,10 +33,9 @@ def evaluate(model, tok, held_out, max_length: int, rank: int = 0, world: int = 
     means (``eval/mean_acc`` ...), answer NLL of generative tasks and head similarity."""
     import pandas as pd
 
-    from pipeline.data.batching import is_choice_task
-    from pipeline.model.scoring import answer_nll_by_task
-    from pipeline.stats import EXAMPLE_COLUMNS, score_metrics
-    from rlora.analysis import head_similarity, similarity_summary
+    from pipeline.data.batching import is_choice_task  # lazy: loads torch
+    from pipeline.model.scoring import answer_nll_by_task  # lazy: loads torch
+    from rlora.analysis import head_similarity, similarity_summary  # lazy: loads peft, torch
 
     choice = [e for e in held_out if is_choice_task(e.task)]
     gen = [e for e in held_out if not is_choice_task(e.task)]
@@ -59,8 +61,7 @@ def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1, examp
     the end of training: nothing that trains, stops or ranks a trial ever sees these scores."""
     import pandas as pd
 
-    from pipeline.data.batching import confirmation_examples
-    from pipeline.stats import EXAMPLE_COLUMNS, score_metrics
+    from pipeline.data.batching import confirmation_examples  # lazy: loads torch
 
     examples = confirmation_examples(data) if examples is None else examples  # (built once by a caller that has them)
     if not examples:
@@ -73,8 +74,6 @@ def evaluate_confirmation(model, tok, data, rank: int = 0, world: int = 1, examp
 def log_examples(tracker, table, step: int, kind: str = "heldout") -> None:
     if tracker is None or table is None:
         return
-    from pipeline.stats import examples_file, save_examples
-    from pipeline.tracking import EXAMPLES_DIR
 
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(save_examples(table, Path(tmp) / examples_file(kind, step)), EXAMPLES_DIR)

@@ -11,8 +11,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pipeline.config.run import RunConfig
+from pipeline.data import content_key, data_dir
+from pipeline.data.batching import LengthAwareBatches
+from pipeline.data.mixture_cache import tokenised_mixture
+from pipeline.model import adapters
+from pipeline.model.base import load_model
+from pipeline.model.precision import autocast, load_dtype
+from pipeline.tracking import Tracker
 from pipeline.train.checkpoints import restore_checkpoint, save_checkpoint
 from pipeline.train.heldout import evaluate, evaluate_confirmation, log_examples
+from pipeline.train.step import accumulate_gradients, enable_gradient_checkpointing, peak_memory_gb, reset_peak_memory
 
 KILL_ENV = "RLORA_TEST_KILL_RANK_AT_STEP"  # "rank:step": SIGKILL that worker once (failure tests)
 
@@ -34,7 +42,6 @@ def log_mixture(tracker, cfg: RunConfig, mix) -> None:
     import hashlib
     from collections import Counter
 
-    from pipeline.data import content_key, data_dir
 
     name = cfg.data.tasks if isinstance(cfg.data.tasks, str) else "+".join(cfg.data.tasks)
     source = str(data_dir(cfg.data.data_dir).resolve())
@@ -81,18 +88,6 @@ def train_loop_per_worker(loop_config: dict[str, Any], session=None) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.model import adapters
-    from pipeline.data.batching import LengthAwareBatches
-    from pipeline.data.mixture_cache import tokenised_mixture
-    from pipeline.model.base import load_model
-    from pipeline.model.precision import autocast, load_dtype
-    from pipeline.tracking import Tracker
-    from pipeline.train.step import (
-        accumulate_gradients,
-        enable_gradient_checkpointing,
-        peak_memory_gb,
-        reset_peak_memory,
-    )
 
     t_enter = time.perf_counter()
     # in a trial's own process (an actor Tune may have reused) there is no worker start-up to count
