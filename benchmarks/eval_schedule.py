@@ -52,7 +52,6 @@ class _WholeModel:
     """The old schedule: an actor scores one model's every family before it takes the next model."""
 
     def __init__(self, settings):
-
         self.ev = Evaluator(settings, "cpu", 1)
 
     def evaluate_all(self, jobs):
@@ -92,7 +91,6 @@ def policy_makespans(units: list[dict], workers: int) -> dict[str, float]:
 
 
 def run_schedule(kind: str, settings, units, models: list[tuple[str, str | None]], workers: int) -> dict:
-
     t0 = time.perf_counter()
     if kind == "whole":
         by_model = [[EvalJob(name=name, adapter_dir=path, settings=u) for u in units] for name, path in models]

@@ -92,7 +92,6 @@ def _one_step_row(device, arch: str, precision: str, variant: str, batch: int, s
     """One measured configuration; out of memory is a row that says so, not the end of the part."""
     import torch
 
-
     row = {"model": arch, "batch": batch, "seq": seq, "checkpointing": checkpointing}
     model = params = None
     try:
@@ -130,7 +129,6 @@ def step_part(device, smoke: bool) -> list[dict]:
 
 def _pack_worker(rank: int, k: int, arch: str, batch: int, seq: int, steps: int, device: str, out: str, barrier):
     import torch
-
 
     model, params = build_variant("rlora_N3", load_base(f"arch:{arch}", "bf16-mixed", device))
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -34,7 +34,6 @@ METRICS = {"correct": "eval/mean_acc", "margin": "eval/mean_margin", "gold_logpr
 def trial_tables(client, parent_run_id: str, step=None):
     import pandas as pd
 
-
     parent = client.get_run(parent_run_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
                               max_results=1000)
@@ -65,7 +64,6 @@ def trial_tables(client, parent_run_id: str, step=None):
 
 def reliability(tables: dict, col: str, splits: int = 500, seed: int = 0) -> dict:
     from scipy.stats import spearmanr
-
 
     keys = next(iter(tables.values())).index
     mat = np.stack([t.loc[keys, col].to_numpy(np.float64) for t in tables.values()])  # trials x examples
@@ -104,7 +102,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     from mlflow import MlflowClient
-
 
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri))
     parent = args.parent

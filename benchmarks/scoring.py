@@ -32,7 +32,6 @@ def main(argv=None):
 
     import torch
 
-
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model, tok = load_model(resolve_model("smollm2-135m-instruct"))

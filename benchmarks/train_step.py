@@ -70,7 +70,6 @@ def load_base(model: str, precision: str, device):
     """The base model, in the dtype the precision loads it in, on ``device``."""
     import torch
 
-
     dtype = getattr(torch, load_dtype(precision))
     if model.startswith("arch:"):
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,13 +86,11 @@ def build_variant(variant: str, base, checkpointing: bool = False):
     """The model a variant trains, and its trainable parameters."""
     import torch
 
-
     if checkpointing:
         enable_gradient_checkpointing(base)
     torch.manual_seed(0)
     if variant in PEFT_SECTIONS:
         from peft import get_peft_model
-
 
         method, fields = PEFT_SECTIONS[variant]
         targets = None if method == "ia3" else TARGETS  # IA³: PEFT's own targets for the architecture
@@ -125,7 +122,6 @@ def build_variant(variant: str, base, checkpointing: bool = False):
 def measure(model, params, variant: str, batch: int, seq: int, steps: int, device, precision: str) -> dict:
     """Median step time over ``steps`` timed steps after one warm-up, and peak memory."""
     import torch
-
 
     opt = torch.optim.AdamW(params, lr=1e-4)
     model.train()
@@ -209,7 +205,6 @@ def main(argv=None):
         print(json.dumps(one(args.variant, **run)))
         return
     if not args.model.startswith("arch:"):
-
         resolve_model(args.model)  # convert once, outside the timed children
     variants = {"default": VARIANTS, "methods": METHOD_VARIANTS}.get(args.variants) or args.variants.split(",")
     rows = []

@@ -31,7 +31,6 @@ class CompareError(ValueError):
 
 
 def compare_runs(client, run_a: str, run_b: str) -> list[dict[str, Any]]:
-
     for rid in (run_a, run_b):  # both checked before anything is downloaded
         try:
             client.get_run(rid)
@@ -81,7 +80,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from mlflow import MlflowClient
-
 
     try:
         uri = resolve_tracking_uri(args.tracking_uri)

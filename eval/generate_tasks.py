@@ -151,7 +151,6 @@ FEWSHOT_FILTERS = [{"name": "none", "filter": [{"function": "take_first"}]},
 
 
 def write_bbh() -> None:
-
     for group, (variant, template, target) in BBH_VARIANTS.items():
         d = TASKS / "bbh" / group
         d.mkdir(parents=True, exist_ok=True)
@@ -196,7 +195,6 @@ HELDOUT_TEMPLATE = {
 
 
 def write_heldout() -> None:
-
     d = TASKS / "heldout"
     d.mkdir(parents=True, exist_ok=True)
     (d / "utils.py").write_text('"""lm-eval loads this file by path; it defers to the project\'s held-out loader."""\n\n'

@@ -19,7 +19,6 @@ def load_gsm8k(**_: object):
     (chain of thought ending ``#### <number>``), in file order."""
     import datasets
 
-
     root = data_dir() / "gsm8k"
     out = {}
     for split, name in SPLITS.items():

@@ -100,7 +100,6 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, device: Optional[str] = None, threads: Optional[int] = None):
         import torch
 
-
         if threads:
             torch.set_num_threads(threads)
         self.settings = settings
@@ -145,12 +144,10 @@ class Evaluator:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
-
         for name in ("lm-eval", "lm_eval"):  # one "custom kwargs" warning per task otherwise
             logging.getLogger(name).setLevel(logging.ERROR)
         model = self.base
         if adapter_dir:
-
             model = load(self.base, adapter_dir).to(self.device)
         try:
             model.eval()
@@ -164,7 +161,6 @@ class Evaluator:
                     torch_random_seed=s.seed, fewshot_random_seed=s.seed)
         finally:
             if adapter_dir:
-
                 self.base = detach(model, self.base)  # the adapter layers out, the untouched base modules back
 
 
@@ -228,7 +224,6 @@ def evaluate_jobs(settings: EvalSettings, jobs: list[EvalJob], max_workers: Opti
     import ray
     import torch
     from tqdm.auto import tqdm
-
 
     if not jobs:
         return []

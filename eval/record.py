@@ -34,7 +34,6 @@ def headline(scores: dict[str, float]) -> dict[str, float]:
 def register(client, name: str, run, scores: dict[str, float], metric: str, tracking_uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
-
     tags = {k: f"{v:.4f}" for k, v in headline(scores).items()}
     tags.update({"trial_id": run.data.tags.get("rlora.trial_id", ""), metric: f"{run.data.metrics.get(metric, float('nan')):.4f}"})
     confirm = confirm_metric(metric)  # the score that measures it, beside the one that chose it
@@ -69,7 +68,6 @@ def register(client, name: str, run, scores: dict[str, float], metric: str, trac
 
 
 def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[Path]:
-
     plt = pyplot()
 
     keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
@@ -106,7 +104,6 @@ def log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, 
         t.log_metrics({"eval/wall_s": r["wall_s"]}, step=rnd)
         if r.get("examples") is not None and len(r["examples"]):
             import tempfile
-
 
             with tempfile.TemporaryDirectory() as tmp:
                 t.log_artifact(save_examples(r["examples"], Path(tmp) / examples_file("lmeval", rnd)), EXAMPLES_DIR)
@@ -176,5 +173,4 @@ def write_comparison(rows: list[dict], keys: list[str], metric: str, params: lis
 
 
 def is_eval_metric(key: str) -> bool:
-
     return key.split("/")[0] in (*FAMILIES, "heldout")

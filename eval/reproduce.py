@@ -138,7 +138,6 @@ def claims(arms: dict[str, list[dict]]) -> list[str]:
 
 
 def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-
     plt = pyplot()
 
     labels, means, stds = [], [], []
@@ -164,7 +163,6 @@ def plot_head_cos(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
 
 
 def plot_grad_norms(arms: dict[str, list[dict]], path: Path) -> Optional[Path]:
-
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -255,7 +253,6 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
 
 
 def main(argv=None) -> int:
-
     ap = base_parser("python -m eval.reproduce", __doc__, "ablation sweep YAML", "base.train.steps=60",
                      config_default="sweeps/ablation.yaml")
     ap.add_argument("--table", choices=["table4", "baselines"], default="table4",
@@ -287,7 +284,6 @@ def main(argv=None) -> int:
     note = (f"{cfg.base.model}, mixture {cfg.base.data.tasks}, {cfg.base.train.steps} steps × batch "
             f"{cfg.base.train.batch_size}, {cfg.base.data.eval_per_task} held-out examples per task")
     if args.table == "baselines":
-
         res = baselines.write_report(uri, parent, tasks, out_dir, wall, note + f", {cfg.tune.seeds} seed(s) per adapter.")
         print(Path(res["report"]).read_text())
         print(f"wrote {res['report']} (logged to MLflow run {parent} under reproduce/)")

@@ -64,7 +64,6 @@ def lmeval_examples(samples: dict[str, list[dict]]):
 
     import pandas as pd
 
-
     rows = []
     for task, items in samples.items():
         name = metric_name(task)

@@ -35,7 +35,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
     if adapter == "none":
         return None, None
     if Path(adapter).is_dir():
-
         if not any((Path(adapter) / f).is_file() for f in ("adapter_config.json", FULL_WEIGHTS)):
             raise EvalInputError(f"--adapter: {adapter} has no adapter_config.json (nor a full model's {FULL_WEIGHTS})")
         return adapter, None
@@ -62,7 +61,6 @@ def load_adapter_dir(adapter: str, tracking_uri: Optional[str]) -> tuple[Optiona
 
 
 def _print_scores(scores: dict[str, float]) -> None:
-
     for k, v in headline(scores).items():
         if not k.endswith("_stderr"):
             se = scores.get(f"{k}_stderr")
@@ -90,7 +88,6 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
     if args.tasks:
         data.setdefault("eval", {})["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     from pydantic import ValidationError
-
 
     try:
         cfg = SweepConfig.model_validate(data)
@@ -132,7 +129,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     try:
-
         tracking_uri = resolve_tracking_uri(args.tracking_uri)
         check_reachable(tracking_uri)
         if args.sweep:
@@ -162,7 +158,6 @@ def main(argv=None) -> int:
     run_id = args.mlflow_run or run_from_adapter
     if run_id:  # scores, standard errors and the per-question table, as the eval stage logs them
         from mlflow import MlflowClient
-
 
         log_results([{**res, "run_id": run_id}], settings, tracking_uri, MlflowClient(tracking_uri))
         print(f"logged to MLflow run {run_id}")

@@ -44,7 +44,6 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
     """One EvalSettings per task family, with that family's limit: the units the workers share."""
     from dataclasses import replace
 
-
     whole = settings_from(ev, model, precision)
     return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
             for family, lm_name in zip(ev.tasks, resolve_tasks(list(ev.tasks), ev.task_source))]

@@ -30,7 +30,6 @@ def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, A
     """The latest per-example table of each kind (``heldout``, ``lmeval``) on a run, as DataFrames."""
     import tempfile
 
-
     latest: dict[str, str] = {}
     for a in client.list_artifacts(run_id, EXAMPLES_DIR):
         name = a.path.rsplit("/", 1)[-1]

@@ -132,8 +132,9 @@ def test_an_adalora_run_resumed_after_its_rank_allocation_ends_where_the_uninter
     allocation to the same weights, rank pattern and saved adapter as the run that never stopped."""
     from pipeline.model import adapters
     from pipeline.model.base import load_model
-    from pipeline.train.worker import _lr_lambda
-    from pipeline.train.checkpoints import save_checkpoint as save_checkpoint, restore_checkpoint
+    from pipeline.train.checkpoints import restore_checkpoint
+    from pipeline.train.checkpoints import save_checkpoint as save_checkpoint
+    from pipeline.train.request import lr_schedule
 
     cfg = run_cfg("adalora")  # 6 steps: ranks allocated at steps 2-3, fixed at 4, masked at 5-6; stopped at `at`
 
@@ -142,7 +143,7 @@ def test_an_adalora_run_resumed_after_its_rank_allocation_ends_where_the_uninter
         torch.manual_seed(seed)
         model = adapters.build(base, cfg.adapter, STEPS)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-        return model, tok, opt, torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(1, STEPS))
+        return model, tok, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(1, STEPS))
 
     def steps(model, tok, opt, sched, first, last):  # the training loop's order of calls
         model.train()
@@ -345,8 +346,8 @@ def test_virtual_tokens_are_not_scored(method, trained, tiny_model_dir):
     model exactly as the base model scores the input behind the learned virtual token embeddings,
     spelled out here with ``inputs_embeds``; each with its own tokenisation of (context, choice)."""
     from eval.harness import EvalSettings, Evaluator
-    from pipeline.model import adapters
     from pipeline.data.tasks import task_splits
+    from pipeline.model import adapters
     from pipeline.model.base import load_model
     from pipeline.model.scoring import score_choices
 
@@ -389,8 +390,8 @@ def test_adalora_trains_through_ray_train_with_its_budget_schedule(tmp_path, tin
     adapter reloads strictly."""
     from test_train import only_run, write_yaml
 
-    from pipeline.model import adapters
     from pipeline.config.run import load_run_config
+    from pipeline.model import adapters
     from pipeline.model.base import load_model
     from pipeline.train.driver import run_training
 

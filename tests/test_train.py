@@ -218,11 +218,11 @@ class _Payload:
 
 def test_trainer_state_round_trips_and_pickled_objects_are_refused(tmp_path):
     from pipeline.train.checkpoints import CheckpointError, load_trainer_state
-    from pipeline.train.worker import _lr_lambda
+    from pipeline.train.request import lr_schedule
 
     model = torch.nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(2, 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(2, 10))
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
     sched.step()
@@ -244,10 +244,10 @@ def test_a_finished_trial_run_again_finishes_again_without_retraining(tmp_path, 
     from mlflow.entities import LoggedModelStatus
 
     from pipeline.config.run import load_run_config
-    from pipeline.train.driver import run_training
+    from pipeline.train.driver import TrialRun, run_training
 
     cfg = load_run_config(write_yaml(tmp_path, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0}), [])
-    outs = [run_training(cfg, quiet=True, trial_id="t1", train_name="trial-t1", storage_path=str(tmp_path / "ray"))
+    outs = [run_training(cfg, quiet=True, trial=TrialRun("t1", "trial-t1", str(tmp_path / "ray")))
             for _ in range(2)]
     assert outs[0]["run_id"] == outs[1]["run_id"] and outs[0]["metrics"]["step"] == outs[1]["metrics"]["step"] == 8
     client, run, _ = only_run(tmp_path)
@@ -282,12 +282,12 @@ def test_peak_memory_is_the_processes_peak_resident_set(tmp_path):
 
 IN_TRIAL = """
 import json, sys, torch
-from pipeline.config import load_run_config
+from pipeline.config.run import load_run_config
 held = torch.ones(2**31 // 4)  # 2 GiB this process held before the run: not the run's peak
 del held
-from pipeline.train import run_training
+from pipeline.train.driver import TrialRun, run_training
 cfg = load_run_config(sys.argv[1], [])
-out = run_training(cfg, quiet=True, trial_id="t1", train_name="trial-t1", storage_path=sys.argv[2], in_trial=True)
+out = run_training(cfg, quiet=True, trial=TrialRun("t1", "trial-t1", sys.argv[2], in_trial=True))
 print(json.dumps([out["run_id"], out["metrics"].get("step")]))
 """
 
@@ -303,7 +303,7 @@ def test_in_trial_run_killed_resumes_exactly_and_a_finished_one_is_not_retrained
     import json
 
     from pipeline.config.run import load_run_config
-    from pipeline.train.driver import run_training
+    from pipeline.train.driver import TrialRun, run_training
 
     def config(root):
         return write_yaml(root, tiny_model_dir, scaling={"num_workers": 1, "max_failures": 0},
@@ -315,8 +315,8 @@ def test_in_trial_run_killed_resumes_exactly_and_a_finished_one_is_not_retrained
                               env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
     def run_here(root):
-        return run_training(load_run_config(config(root), []), quiet=True, trial_id="t1", train_name="trial-t1",
-                            storage_path=str(root / "storage"), in_trial=True)
+        return run_training(load_run_config(config(root), []), quiet=True,
+                            trial=TrialRun("t1", "trial-t1", str(root / "storage"), in_trial=True))
 
     killed = run_fresh({"RLORA_TEST_KILL_RANK_AT_STEP": "0:5"})
     assert killed.returncode == -9, killed.stderr[-3000:]

@@ -112,7 +112,6 @@ def crontab_line(config: str, cron: str, address: str, tracking_uri: Optional[st
 
 
 def main(argv=None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.schedule", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="sweep YAML inside the project")

@@ -78,7 +78,6 @@ def config_in_project(config: str) -> str:
 
 
 def check_tracking_uri(uri: str) -> None:
-
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_absolute():
         raise SubmitError(f"tracking URI {uri}: a relative sqlite path would land inside the job's temporary "
                           "working_dir; use a shared MLflow server (python -m pipeline.server) or an absolute path")
@@ -169,7 +168,6 @@ def yaml_manifest(args) -> str:
 
 
 def main(argv=None) -> int:
-
     ap = argparse.ArgumentParser(prog="python -m pipeline.submit", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="sweep YAML inside the project (see sweeps/)")

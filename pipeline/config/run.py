@@ -65,14 +65,12 @@ class AdapterSection(Strict):
     @field_validator("lora", "dora", "adalora", "ia3", "prompt_tuning", "p_tuning", "prefix_tuning")
     @classmethod
     def _peft_fields(cls, v, info):
-
         if v:
             # names and types (the step schedule against train.steps: RunConfig)
             peft_config(info.field_name, v, None, total_step=10**9)
         return v
 
     def to_peft(self, total_steps: Optional[int] = None):
-
         return peft_config(self.method, getattr(self, self.method), self.target_modules, total_steps)
 
     @property
@@ -110,7 +108,6 @@ class AdapterSection(Strict):
         return f"{self.method}" + (f"-r{r}" if r is not None else "") + (f"-v{v}" if v is not None else "")
 
     def to_rlora(self) -> rlora.RLoraConfig:
-
         if not self.uses_rlora:
             raise ValueError(f"adapter.method is {self.method}, not rlora")
         kw = self.model_dump(exclude={"preset", "method", *PEFT_METHODS})

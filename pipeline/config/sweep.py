@@ -109,7 +109,6 @@ class EvalSection(Strict):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, v: list[str], info) -> list[str]:
-
         if info.data.get("task_source", "local") == "local":
             known = local_names()
             for t in v:
@@ -132,7 +131,6 @@ class EvalSection(Strict):
 
 
 def _field_exists(path: str) -> bool:
-
     parts = path.split(".")
     if len(parts) == 3 and parts[0] == "adapter" and parts[1] in PEFT_METHODS:  # a field of PEFT's config class
         return parts[2] in configurable_fields(parts[1])

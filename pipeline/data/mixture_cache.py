@@ -30,7 +30,6 @@ VERSION = 1
 
 
 def cache_dir() -> Path:
-
     return Path(os.environ.get("RLORA_MIXTURE_DIR") or cache_root() / "mixtures")
 
 

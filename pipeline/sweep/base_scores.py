@@ -37,7 +37,6 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
         return found, confirmed
     import torch
 
-
     t0 = time.time()
     d = cfg.base.data
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))

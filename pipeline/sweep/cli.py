@@ -16,7 +16,6 @@ from pipeline.sweep.stages import PostSweepError
 
 
 def main(argv=None) -> int:
-
     ap = base_parser("python -m pipeline.sweep", __doc__, "sweep YAML (see sweeps/)", "tune.num_samples=16")
     ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="DIR",
                     help="continue an interrupted sweep (default: the latest one of this name)")
@@ -72,7 +71,6 @@ def _attach_log(console) -> None:
 
 
 def _run_and_report(cfg: SweepConfig, args, console) -> int:
-
     try:
         out = run_sweep(cfg, args.config, args.resume, console, retry_errored=args.retry_errored)
     except user_errors() as e:

@@ -37,7 +37,6 @@ def confirm_note(cfg: SweepConfig) -> str:
     pool has left after the selection split), and what a paired difference there can resolve."""
     from collections import Counter
 
-
     per_task = Counter(e.task for e in confirmation_examples(cfg.base.data))
     if not per_task:
         return ("; no confirmation split (base.data.confirm_per_task 0, or no choice task has held-out examples "

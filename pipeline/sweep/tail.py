@@ -152,7 +152,6 @@ class BaseHeldOut:
     def start(self) -> None:
         import ray
 
-
         if self.ref is not None:
             return
         res = worker_resources(self.cfg.base.scaling, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from pipeline.stats import examples_file, save_examples, score_metrics, seed_ave
 from pipeline.sweep.space import trial_run_config
 from pipeline.sweep.tune_state import await_recorded
 from pipeline.tracking import EXAMPLES_DIR, Tracker
-from pipeline.train.driver import adapter_model, run_training
+from pipeline.train.driver import TrialRun, adapter_model, run_training
 
 
 def _intermediate_reports(final_step: int):
@@ -31,55 +32,72 @@ def _intermediate_reports(final_step: int):
     return IntermediateReports()
 
 
-def run_trial(params: dict[str, Any], ctx: dict) -> None:
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a sweep shares, handed to Tune once (``tune.with_parameters``)."""
+
+    base: dict[str, Any]  # the sweep's base RunConfig as JSON, its tracking URI resolved
+    parent_run_id: str
+    metric: str
+    mode: str  # "max" or "min"
+    experiment: str
+    sweep_name: str
+    train_storage: str  # where the trials' Ray Train runs keep their checkpoints
+    tune_storage: str  # the Tuner's experiment directory
+    seeds: int = 1  # tune.seeds: runs per trial, seeds train.seed, +1, ...
+    in_trial: bool = False  # tune.train_in_trial
+
+    @property
+    def worst(self) -> dict[str, float]:
+        """The objective a diverged run reports: worse than any real score."""
+        return {self.metric: -1.0 if self.mode == "max" else 1e9}
+
+
+def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """Tune trainable: one Ray Train run per trial."""
     t_start = time.time()
     from ray import tune
 
-
     trial_id = tune.get_context().get_trial_id()
-    await_recorded(ctx["tune_storage"], trial_id)  # before the trial's MLflow run: --resume must know it
-    cfg = trial_run_config(ctx["base"], params, {"experiment": ctx["experiment"], "trial_name": f"trial-{trial_id}"})
-    worst = -1.0 if ctx["mode"] == "max" else 1e9
-    if ctx.get("seeds", 1) > 1:
-        tune.report(_seeded_trial(cfg, ctx, trial_id, {ctx["metric"]: worst}))
+    await_recorded(ctx.tune_storage, trial_id)  # before the trial's MLflow run: --resume must know it
+    cfg = trial_run_config(ctx.base, params, {"experiment": ctx.experiment, "trial_name": f"trial-{trial_id}"})
+    if ctx.seeds > 1:
+        tune.report(_seeded_trial(cfg, ctx, trial_id))
         return
-    out = run_training(cfg, parent_run_id=ctx["parent_run_id"], quiet=True, trial_id=trial_id,
-                       callbacks=[_intermediate_reports(cfg.train.steps)], train_name=f"trial-{trial_id}",
-                       storage_path=ctx["train_storage"], nan_metrics={ctx["metric"]: worst},
-                       extra_tags={"rlora.sweep": ctx["sweep_name"]}, in_trial=ctx["in_trial"], started_at=t_start)
+    out = run_training(cfg, quiet=True, trial=TrialRun(
+        trial_id, f"trial-{trial_id}", ctx.train_storage, parent_run_id=ctx.parent_run_id,
+        callbacks=[_intermediate_reports(cfg.train.steps)], nan_metrics=ctx.worst,
+        tags={"rlora.sweep": ctx.sweep_name}, in_trial=ctx.in_trial, started_at=t_start))
     # The final step's metrics, now that everything is saved (also right for a trial re-run by
     # --resume whose Train run had already finished, which reports nothing through the callback).
     tune.report({k: v for k, v in out["metrics"].items() if k != "checkpoint_path"})
 
 
-def _seeded_trial(cfg: RunConfig, ctx: dict, trial_id: str, nan_metrics: dict) -> dict[str, Any]:
+def _seeded_trial(cfg: RunConfig, ctx: TrialContext, trial_id: str) -> dict[str, Any]:
     """``tune.seeds`` > 1: the configuration trained with seeds train.seed, +1, ... one Ray Train run
     each, nested under the trial's child run. The child run gets the held-out scores of the
     seed-averaged per-example table (= means over seeds) with standard errors over seeds and
     examples, that table, and seed 0's adapter (what the eval stage scores)."""
     import tempfile
 
-
     t = Tracker(cfg.mlflow.tracking_uri)
-    existing = t.find_trial_run(ctx["experiment"], trial_id, ctx["parent_run_id"])
+    existing = t.find_trial_run(ctx.experiment, trial_id, ctx.parent_run_id)
     if existing:  # a trial restarted by --resume
         t.reopen(existing)
     else:
-        t.start_run(ctx["experiment"], f"trial-{trial_id}", cfg.model_dump(mode="json"),
-                    tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx["sweep_name"], "rlora.seeds": str(ctx["seeds"]),
+        t.start_run(ctx.experiment, f"trial-{trial_id}", cfg.model_dump(mode="json"),
+                    tags={"rlora.trial_id": trial_id, "rlora.sweep": ctx.sweep_name, "rlora.seeds": str(ctx.seeds),
                           **cfg.adapter.tags},
-                    parent_run_id=ctx["parent_run_id"])
+                    parent_run_id=ctx.parent_run_id)
     outs = []
-    for k in range(ctx["seeds"]):
+    for k in range(ctx.seeds):
         seeded = cfg.model_copy(deep=True)
         seeded.train.seed = cfg.train.seed + k
         seeded.mlflow.run_name = f"trial-{trial_id}-seed{seeded.train.seed}"
         try:
-            outs.append(run_training(seeded, parent_run_id=t.run_id, quiet=True, trial_id=f"{trial_id}/seed{k}",
-                                     train_name=seeded.mlflow.run_name, storage_path=ctx["train_storage"],
-                                     nan_metrics=nan_metrics, extra_tags={"rlora.sweep": ctx["sweep_name"]},
-                                     in_trial=ctx["in_trial"]))
+            outs.append(run_training(seeded, quiet=True, trial=TrialRun(
+                f"{trial_id}/seed{k}", seeded.mlflow.run_name, ctx.train_storage, parent_run_id=t.run_id,
+                nan_metrics=ctx.worst, tags={"rlora.sweep": ctx.sweep_name}, in_trial=ctx.in_trial)))
         except BaseException as e:
             t.set_tags({"error": f"seed {seeded.train.seed}: {error_line(e)}"[:500]})
             t.finish("FAILED")

@@ -9,7 +9,7 @@ from pipeline.config.loading import ConfigError
 from pipeline.config.sweep import SweepConfig
 from pipeline.runtime import use_gpu_for, worker_resources
 from pipeline.sweep.space import param_space
-from pipeline.sweep.trial import run_trial
+from pipeline.sweep.trial import TrialContext, run_trial
 from pipeline.sweep.tune_state import save_often
 
 
@@ -31,7 +31,6 @@ def concurrency(cfg: SweepConfig) -> int:
     """Trials that fit the cluster at once: for each resource a trial's workers take (CPUs, and GPU
     shares when training on GPUs), how many trials' worth the cluster has; the smallest count."""
     import ray
-
 
     if cfg.tune.max_concurrent_trials != "auto":
         return int(cfg.tune.max_concurrent_trials)
@@ -63,25 +62,24 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     from pipeline.sweep.optuna_search import ResumableOptunaSearch  # lazy: loads optuna, ray
 
     where = ray_storage(cfg, sweep_dir)
-    ctx = {"base": cfg.base.model_dump(mode="json"), "parent_run_id": parent_run_id, "metric": cfg.tune.metric,
-           "mode": cfg.tune.mode, "experiment": cfg.base.mlflow.experiment, "sweep_name": cfg.name,
-           "train_storage": f"{where}/train", "tune_storage": f"{where}/tune", "seeds": cfg.tune.seeds,
-           "in_trial": cfg.tune.train_in_trial}
-    ctx["base"]["mlflow"]["tracking_uri"] = tracking_uri
+    base = cfg.base.model_dump(mode="json")
+    base["mlflow"]["tracking_uri"] = tracking_uri
+    ctx = TrialContext(base=base, parent_run_id=parent_run_id, metric=cfg.tune.metric, mode=cfg.tune.mode,
+                       experiment=cfg.base.mlflow.experiment, sweep_name=cfg.name, train_storage=f"{where}/train",
+                       tune_storage=f"{where}/tune", seeds=cfg.tune.seeds, in_trial=cfg.tune.train_in_trial)
     # The trial process itself holds no CPU (Ray refuses an empty bundle, and any CPU share would
     # starve its own workers on a small cluster): only a token of the memory resource. Trained in
     # the trial's own process, the trial holds what its one worker would have.
     resources = {"CPU": 0, "memory": 2**20}
     if cfg.tune.train_in_trial:
-
         resources.update(worker_resources(cfg.base.scaling, use_gpu_for(cfg.base.scaling.use_gpu)))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), resources)
 
-    save_often(ctx["tune_storage"])
+    save_often(ctx.tune_storage)
     if resume:
         # an errored trial, with retry_errored, runs its trial function again: its Ray Train runs
         # resume from their own last checkpoints (the function reports no Tune checkpoint)
-        return tune.Tuner.restore(ctx["tune_storage"], trainable=trainable, resume_unfinished=True,
+        return tune.Tuner.restore(ctx.tune_storage, trainable=trainable, resume_unfinished=True,
                                   resume_errored=retry_errored, restart_errored=False)
     search_alg = None
     if cfg.tune.search_alg == "optuna":

@@ -12,7 +12,6 @@ TRAINER_STATE = "trainer_state.pt"
 def save_checkpoint(model, opt, sched, step: int, directory: Path, final: bool) -> None:
     import torch
 
-
     model.save_pretrained(directory / "adapter")
     torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 **adapters.training_state(model)}, directory / TRAINER_STATE)

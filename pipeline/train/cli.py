@@ -10,7 +10,6 @@ from pipeline.train.driver import run_training
 
 
 def main(argv=None) -> int:
-
     args = base_parser("python -m pipeline.train", __doc__, "run YAML (see configs/)", "train.steps=20").parse_args(argv)
     try:
         cfg = load_run_config(args.config, args.overrides)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ from pipeline.runtime import (
 )
 from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 from pipeline.train.in_trial import InProcess
+from pipeline.train.request import TrainRequest
 from pipeline.train.worker import train_loop_per_worker
 
 
@@ -37,79 +39,48 @@ def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
                                 tags={"rlora.load": "pipeline.model.adapters.load(base, <downloaded dir>)"})
 
 
-def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_id: Optional[str] = None,
-                 quiet: bool = False, trial_id: Optional[str] = None, callbacks: Optional[list] = None,
-                 train_name: Optional[str] = None, storage_path: Optional[str] = None,
-                 nan_metrics: Optional[dict[str, float]] = None, extra_tags: Optional[dict[str, str]] = None,
-                 in_trial: bool = False, started_at: Optional[float] = None) -> dict[str, Any]:
+@dataclass
+class TrialRun:
+    """How a sweep trial runs its training; a plain ``python -m pipeline.train`` run has none."""
+
+    trial_id: str  # the MLflow child run is found again by it: a restarted trial logs into its run
+    name: str  # the Ray Train run's name under ``storage_path``
+    storage_path: str
+    parent_run_id: Optional[str] = None
+    callbacks: list = field(default_factory=list)  # Ray Train callbacks: the reports to Tune
+    nan_metrics: dict[str, float] = field(default_factory=dict)  # reported with a diverged loss
+    tags: dict[str, str] = field(default_factory=dict)
+    in_trial: bool = False  # tune.train_in_trial: one worker, in this process (pipeline.train.in_trial)
+    started_at: Optional[float] = None  # when the trial started on this run: its driver phase's start
+
+
+def run_training(cfg: RunConfig, config_path: Optional[str] = None, quiet: bool = False,
+                 trial: Optional[TrialRun] = None) -> dict[str, Any]:
     """Train one run; returns {'run_id', 'metrics', 'adapter_dir', 'result_dir', 'wall_s'}.
 
-    Raises on failure (``FloatingPointError`` when the loss diverged). Inside a sweep trial,
-    ``trial_id`` makes the MLflow child run unique per trial: a trial restarted after the
-    driver died logs into its existing run instead of creating a second one. ``in_trial`` (the sweep's
-    ``tune.train_in_trial``): one worker, run in this process (``pipeline.train.in_trial``), its checkpoints
-    under the run's storage directory and its reports to Tune in place of ``callbacks``. ``started_at``
-    (epoch seconds): when the caller started on this run, the start of its ``driver`` phase."""
-    t_start = started_at or time.time()
-    import ray
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-
-    out_dir = Path(cfg.output_dir).resolve()
+    Raises on failure (``FloatingPointError`` when the loss diverged). ``trial``: the run is a sweep
+    trial's (see ``TrialRun``); with ``in_trial`` its checkpoints go under the run's storage directory
+    and its reports to Tune in place of ``callbacks``."""
+    t_start = (trial and trial.started_at) or time.time()
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     check_reachable(tracking_uri)
     model_path = resolve_model(cfg.model)
-    use_gpu = use_gpu_for(cfg.scaling.use_gpu)
-
     tracker = Tracker(tracking_uri)
-    run_name = cfg.mlflow.run_name or cfg.adapter.label
-    backend = torch_backend(cfg.scaling, use_gpu)
-    params = {**cfg.model_dump(mode="json"), "resolved": {
-        "model_path": model_path, "use_gpu": use_gpu, "backend": backend,
-        "rlora" if cfg.adapter.uses_rlora else "peft" if cfg.adapter.uses_peft else "full":
-            adapters.resolved(cfg.adapter, cfg.train.steps),
-        "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
-    # the process driving the run (in a sweep: the trial's actor, reused by later trials)
-    tags = {"config_file": config_path or "", "ray.driver_pid": str(os.getpid()), **cfg.adapter.tags,
-            **(extra_tags or {})}
-    existing = tracker.find_trial_run(cfg.mlflow.experiment, trial_id, parent_run_id) if trial_id else None
-    if existing:
-        run_id = tracker.reopen(existing)
-        tracker.set_tags({"ray.driver_pid": tags["ray.driver_pid"]})
-    else:
-        if trial_id:
-            tags["rlora.trial_id"] = trial_id
-        run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params, tags=tags, parent_run_id=parent_run_id)
-    model_id = adapter_model(tracker, run_name, cfg)
+    run_id, model_id, run_name = _open_run(cfg, tracker, model_path, config_path, trial)
     if not quiet:
         print(f"MLflow run {run_id} ({tracking_uri})", flush=True)
-
     ensure_ray(quiet)
-    name, storage = train_name or f"train-{run_id}", storage_path or cfg.storage or str(out_dir / "ray")
     t0 = time.time()  # the driver's stamps travel in every report, so a trial ASHA stops keeps its phases
-    loop_config = {"run": cfg.model_dump(mode="json"), "model_path": model_path, "model_id": model_id,
-                   "tracking_uri": tracking_uri, "run_id": run_id, "nan_metrics": nan_metrics or {},
-                   "driver_stamps": {f"{timeline.PREFIX}start": t_start, f"{timeline.PREFIX}fit": t0}}
-    trainer = None if in_trial else TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
-                                               resources_per_worker=worker_resources(cfg.scaling, use_gpu),
-                                               placement_strategy=cfg.scaling.placement_strategy),
-        torch_config=TorchConfig(backend=backend),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            callbacks=callbacks,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    request = TrainRequest(run=cfg.model_dump(mode="json"), model_path=model_path, tracking_uri=tracking_uri,
+                           run_id=run_id, model_id=model_id, nan_metrics=trial.nan_metrics if trial else {},
+                           driver_stamps={f"{timeline.PREFIX}start": t_start, f"{timeline.PREFIX}fit": t0})
+    name = trial.name if trial else f"train-{run_id}"
+    storage = (trial and trial.storage_path) or cfg.storage or str(Path(cfg.output_dir).resolve() / "ray")
     try:
-        if in_trial:
-            result_metrics, checkpoint = _run_in_trial(cfg, loop_config, storage, name, callbacks)
+        if trial and trial.in_trial:
+            result_metrics, checkpoint = _run_in_trial(cfg, request, storage, name, trial.callbacks)
         else:
-            result = trainer.fit()
+            result = _trainer(cfg, request, name, storage, trial.callbacks if trial else None).fit()
             result_metrics, checkpoint = result.metrics, result.checkpoint
     except BaseException as e:
         tracker.set_tags({"error": error_line(e)})
@@ -120,14 +91,59 @@ def run_training(cfg: RunConfig, config_path: Optional[str] = None, parent_run_i
     return _finish_run(cfg, tracker, run_id, model_id, run_name, t_start, t0, result_metrics or {}, checkpoint)
 
 
-def _run_in_trial(cfg: RunConfig, loop_config: dict, storage: str, name: str, callbacks) -> tuple:
-    import ray.train
+def _open_run(cfg: RunConfig, tracker: Tracker, model_path: str, config_path: Optional[str],
+              trial: Optional[TrialRun]) -> tuple[str, str, str]:
+    """The run's MLflow run (a restarted trial's own, reopened) and logged model: their ids and the name."""
+    use_gpu = use_gpu_for(cfg.scaling.use_gpu)
+    run_name = cfg.mlflow.run_name or cfg.adapter.label
+    params = {**cfg.model_dump(mode="json"), "resolved": {
+        "model_path": model_path, "use_gpu": use_gpu, "backend": torch_backend(cfg.scaling, use_gpu),
+        "rlora" if cfg.adapter.uses_rlora else "peft" if cfg.adapter.uses_peft else "full":
+            adapters.resolved(cfg.adapter, cfg.train.steps),
+        "effective_batch_size": cfg.train.batch_size * cfg.train.grad_accum * cfg.scaling.num_workers}}
+    # the process driving the run (in a sweep: the trial's actor, reused by later trials)
+    tags = {"config_file": config_path or "", "ray.driver_pid": str(os.getpid()), **cfg.adapter.tags,
+            **(trial.tags if trial else {})}
+    parent = trial.parent_run_id if trial else None
+    existing = tracker.find_trial_run(cfg.mlflow.experiment, trial.trial_id, parent) if trial else None
+    if existing:
+        run_id = tracker.reopen(existing)
+        tracker.set_tags({"ray.driver_pid": tags["ray.driver_pid"]})
+    else:
+        if trial:
+            tags["rlora.trial_id"] = trial.trial_id
+        run_id = tracker.start_run(cfg.mlflow.experiment, run_name, params, tags=tags, parent_run_id=parent)
+    return run_id, adapter_model(tracker, run_name, cfg), run_name
 
+
+def _trainer(cfg: RunConfig, request: TrainRequest, name: str, storage: str, callbacks: Optional[list]):
+    """The Ray Train TorchTrainer of the run: its workers, their resources, failures and checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = use_gpu_for(cfg.scaling.use_gpu)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(request),  # Ray Train hands workers a dict
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=worker_resources(cfg.scaling, use_gpu),
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        torch_config=TorchConfig(backend=torch_backend(cfg.scaling, use_gpu)),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage, callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def _run_in_trial(cfg: RunConfig, request: TrainRequest, storage: str, name: str, callbacks) -> tuple:
+    import ray.train
 
     if cfg.scaling.num_workers != 1 or "://" in storage.removeprefix("file://"):
         raise ValueError("in_trial: one worker, and checkpoints on a local path")
     session = InProcess(Path(storage.removeprefix("file://")) / name, cfg.train.steps if callbacks else None)
-    train_loop_per_worker(loop_config, session)
+    train_loop_per_worker(asdict(request), session)
     return session.metrics, ray.train.Checkpoint.from_directory(str(session.checkpoint)) if session.checkpoint else None
 
 
