@@ -22,7 +22,7 @@ from typing import Optional
 
 from eval.harness import EvalJob, EvalSettings, Evaluator
 from eval.record import headline, log_results
-from eval.stage import EvalStageError, run_eval_stage
+from eval.stage import EvalStage, EvalStageError
 from eval.task_names import EvalInputError, resolve_tasks
 from pipeline.config.cli import fail, user_errors
 from pipeline.config.loading import ConfigError, format_validation_error
@@ -95,8 +95,7 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
         raise ConfigError(format_validation_error(e)) from None
     out_dir = args.out or Path("outputs") / "eval" / f"sweep-{args.sweep}"
     try:
-        out = run_eval_stage(args.sweep, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
-                             cfg.name, list(cfg.search), Path(out_dir), precision=cfg.base.train.precision)
+        out = EvalStage.for_sweep(cfg, args.sweep, tracking_uri, Path(out_dir)).run()
     except EvalStageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

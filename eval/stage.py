@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,8 +43,6 @@ def settings_from(ev, model: str, precision: str = "fp32") -> EvalSettings:
 
 def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]:
     """One EvalSettings per task family, with that family's limit: the units the workers share."""
-    from dataclasses import replace
-
     whole = settings_from(ev, model, precision)
     return [replace(whole, tasks=(lm_name,), limit=ev.limit_for(family))
             for family, lm_name in zip(ev.tasks, resolve_tasks(list(ev.tasks), ev.task_source))]
@@ -76,87 +75,119 @@ def select_trials(client, parent, metric: str, mode: str, top_k: int, done=_tune
     return chosen
 
 
-def run_for_sweep(cfg, parent_run_id: str, tracking_uri: str, out_dir: Path, tail=None) -> dict[str, Any]:
-    """The ``rlora_lab.post_sweep`` entry point: the eval stage of a sweep that just finished
-    (``tail``: what it started in the sweep's tail, ``eval.head_start``)."""
+@dataclass
+class EvalStage:
+    """The eval stage of one finished sweep (the ``rlora_lab.post_sweep`` entry point ``eval``): its
+    top trials and the base model scored with lm-eval, recorded on their runs, compared, registered."""
 
-    return run_eval_stage(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode,
-                          cfg.name, list(cfg.search), out_dir, precision=cfg.base.train.precision,
-                          use_gpu=use_gpu_for(cfg.base.scaling.use_gpu), tail=tail)
+    parent_run_id: str
+    tracking_uri: str
+    ev: Any  # the sweep's EvalSection
+    model: str
+    metric: str
+    mode: str
+    sweep_name: str
+    params: list[str]  # the sweep's searched parameters (columns of the comparison)
+    out_dir: Path
+    precision: str = "fp32"
+    use_gpu: Optional[bool] = None
+    progress: bool = True
 
+    @classmethod
+    def for_sweep(cls, cfg, parent_run_id: str, tracking_uri: str, out_dir: Path) -> "EvalStage":
+        return cls(parent_run_id, tracking_uri, cfg.eval, cfg.base.model, cfg.tune.metric, cfg.tune.mode, cfg.name,
+                   list(cfg.search), Path(out_dir), precision=cfg.base.train.precision,
+                   use_gpu=use_gpu_for(cfg.base.scaling.use_gpu))
 
-def run_eval_stage(parent_run_id: str, tracking_uri: str, ev, model: str, metric: str, mode: str,
-                   sweep_name: str, params: list[str], out_dir: Path, progress: bool = True,
-                   precision: str = "fp32", use_gpu: Optional[bool] = None, tail=None) -> dict[str, Any]:
-    """``tail`` (``eval.head_start.TailEval``): the part of the stage started while the sweep's last trials
-    ran; its models are not scored again, the stage waits for them."""
+    def run(self, tail=None) -> dict[str, Any]:
+        """``tail`` (``eval.tail_eval.TailEval``): the part of the stage started while the sweep's last
+        trials ran; its models are not scored again, the stage waits for them."""
+        tracker = Tracker(self.tracking_uri, self.parent_run_id)
+        targets = self._targets(tracker.client)
+        # started in the sweep's tail (eval.tail_eval); a trial it started that the stage did not select is left out
+        in_tail = {name for name, _ in targets} & (tail.names() if tail is not None else set())
+        results, scores, cached = self._score(tracker.client, targets, in_tail, tail)
+        registry = self.ev.registry_name or f"rlora-{self.sweep_name}"
+        versions = {name: register(tracker.client, registry, tracker.client.get_run(run.info.run_id), scores[name],
+                                   self.metric, self.tracking_uri)
+                    for name, run in targets if name != "base" and name in scores}
+        rows, paired = self._record(tracker, targets, scores, versions, registry)
+        failed = {r["name"]: r["error"] for r in results if r["error"]}
+        summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions,
+                   "evaluated": [r["name"] for r in results], "cached": cached, "failed": failed,
+                   "signature": self.settings.signature(), "tail": sorted(in_tail),
+                   "tail_scored": tail.scored() if tail is not None else {}}
+        (self.out_dir / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if failed:
+            raise EvalStageError(f"eval stage: {len(failed)} of {len(results)} evaluations failed: "
+                                 + "; ".join(f"{name}: {err}" for name, err in failed.items()))
+        return summary
 
-    tracker = Tracker(tracking_uri, parent_run_id)
-    client = tracker.client
-    parent = client.get_run(parent_run_id)
-    settings = settings_from(ev, model, precision)
-    sig = settings.signature()
-    trials = select_trials(client, parent, metric, mode, ev.top_k)
-    if ev.top_k and not trials:
-        raise EvalStageError(f"sweep {parent_run_id}: no finished trial with an adapter to evaluate")
-    targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
-    if ev.include_base:
-        targets.insert(0, ("base", client.get_run(base_model_run(client, parent_run_id, model))))
-    # started in the sweep's tail (eval.head_start); a trial it started that the stage did not select is left out
-    in_tail = {name for name, _ in targets} & (tail.names() if tail is not None else set())
-    units = unit_settings(ev, model, precision)
-    jobs, scores = jobs_for([t for t in targets if t[0] not in in_tail], units, sig, tracking_uri)
-    cached = list(scores)
-    print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings"
-          + (f", {len(in_tail)} started in the sweep's tail" if in_tail else "")
-          + f"), tasks {', '.join(ev.tasks)}, limit {ev.limit}", flush=True)
-    run_jobs = functools.partial(evaluate_jobs, settings, max_workers=ev.max_workers, cpus_per_worker=ev.cpus_per_worker,
-                                 gpus_per_worker=ev.gpus_per_worker, use_gpu=use_gpu, progress=progress)
-    results = merge_results(run_jobs(jobs))
-    scores.update(log_results(results, settings, tracking_uri, client))
-    if in_tail:  # what the tail scored is read back from its runs; what it did not finish is scored now
-        tail.wait()
-        late = [(name, client.get_run(run.info.run_id)) for name, run in targets if name in in_tail]
-        retry, done = jobs_for(late, units, sig, tracking_uri)
-        scores.update(done)
-        if retry:
-            print(f"eval stage: {len({j.name for j in retry})} model(s) the tail did not finish, scored now", flush=True)
-            more = merge_results(run_jobs(retry))
-            scores.update(log_results(more, settings, tracking_uri, client))
-            results += more
-    registry = ev.registry_name or f"rlora-{sweep_name}"
-    versions = {name: register(client, registry, client.get_run(run.info.run_id), scores[name], metric, tracking_uri)
-                for name, run in targets if name != "base" and name in scores}
-    confirm = confirm_metric(metric)
-    rows = [{"model": name, "run_id": run.info.run_id,
-             metric: run.data.metrics.get(metric) if name != "base" else None,
-             f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
-             confirm: run.data.metrics.get(confirm), f"{confirm}_stderr": run.data.metrics.get(f"{confirm}_stderr"),
-             **adapter_cells(run.data.params),
-             **{p: run.data.params.get(p, run.data.tags.get("rlora.adapter") if p == "adapter" else None)
-                for p in params},
-             "registry_version": versions.get(name),
-             **headline(scores[name])}
-            for name, run in targets if name in scores]
-    keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
-    paired = paired_rows(client, [(name, run.info.run_id) for name, run in targets if name in scores])
-    files = write_comparison(rows, keys, metric, params, Path(out_dir), paired,
-                              confirm if any(r.get(confirm) is not None for r in rows) else None)
-    for f in files:
-        tracker.log_artifact(f, "eval")
-    tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: sig})
+    @property
+    def settings(self) -> EvalSettings:
+        return settings_from(self.ev, self.model, self.precision)
 
-    note = client.get_run(parent_run_id).data.tags.get(DESCRIPTION_TAG, "")
-    tracker.set_description(with_eval_section(note, f"Registered model `{registry}`.\n\n" + files[0].read_text()))
-    failed = {r["name"]: r["error"] for r in results if r["error"]}
-    summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions, "evaluated": [r["name"] for r in results],
-               "cached": cached, "failed": failed, "signature": sig, "tail": sorted(in_tail),
-               "tail_scored": tail.scored() if tail is not None else {}}
-    (Path(out_dir) / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    if failed:
-        raise EvalStageError(f"eval stage: {len(failed)} of {len(results)} evaluations failed: "
-                             + "; ".join(f"{name}: {err}" for name, err in failed.items()))
-    return summary
+    def _targets(self, client) -> list[tuple[str, Any]]:
+        """(name, run) of every model to score: the base model's run first, then the top trials."""
+        trials = select_trials(client, client.get_run(self.parent_run_id), self.metric, self.mode, self.ev.top_k)
+        if self.ev.top_k and not trials:
+            raise EvalStageError(f"sweep {self.parent_run_id}: no finished trial with an adapter to evaluate")
+        targets: list[tuple[str, Any]] = [(r.data.tags["rlora.trial_id"], r) for r in trials]
+        if self.ev.include_base:
+            targets.insert(0, ("base", client.get_run(base_model_run(client, self.parent_run_id, self.model))))
+        return targets
+
+    def _score(self, client, targets: list, in_tail: set[str], tail) -> tuple[list[dict], dict[str, dict], list[str]]:
+        """Every target's scores: reused where its run holds them with these settings, read back
+        from the tail's runs, else computed now (in parallel workers) and logged on its run."""
+        settings, sig = self.settings, self.settings.signature()
+        units = unit_settings(self.ev, self.model, self.precision)
+        jobs, scores = jobs_for([t for t in targets if t[0] not in in_tail], units, sig, self.tracking_uri)
+        cached = list(scores)
+        print(f"eval stage: {len(targets)} model(s) ({len(cached)} already scored with these settings"
+              + (f", {len(in_tail)} started in the sweep's tail" if in_tail else "")
+              + f"), tasks {', '.join(self.ev.tasks)}, limit {self.ev.limit}", flush=True)
+        run_jobs = functools.partial(evaluate_jobs, settings, max_workers=self.ev.max_workers,
+                                     cpus_per_worker=self.ev.cpus_per_worker, gpus_per_worker=self.ev.gpus_per_worker,
+                                     use_gpu=self.use_gpu, progress=self.progress)
+        results = merge_results(run_jobs(jobs))
+        scores.update(log_results(results, settings, self.tracking_uri, client))
+        if in_tail:  # what the tail scored is read back from its runs; what it did not finish is scored now
+            tail.wait()
+            late = [(name, client.get_run(run.info.run_id)) for name, run in targets if name in in_tail]
+            retry, done = jobs_for(late, units, sig, self.tracking_uri)
+            scores.update(done)
+            if retry:
+                print(f"eval stage: {len({j.name for j in retry})} model(s) the tail did not finish, scored now",
+                      flush=True)
+                more = merge_results(run_jobs(retry))
+                scores.update(log_results(more, settings, self.tracking_uri, client))
+                results += more
+        return results, scores, cached
+
+    def _record(self, tracker, targets: list, scores: dict, versions: dict, registry: str) -> tuple[list, list]:
+        """The comparison (table, paired differences, plot) on the parent run and in its description."""
+        client, metric, confirm = tracker.client, self.metric, confirm_metric(self.metric)
+        rows = [{"model": name, "run_id": run.info.run_id,
+                 metric: run.data.metrics.get(metric) if name != "base" else None,
+                 f"{metric}_stderr": run.data.metrics.get(f"{metric}_stderr") if name != "base" else None,
+                 confirm: run.data.metrics.get(confirm), f"{confirm}_stderr": run.data.metrics.get(f"{confirm}_stderr"),
+                 **adapter_cells(run.data.params),
+                 **{p: run.data.params.get(p, run.data.tags.get("rlora.adapter") if p == "adapter" else None)
+                    for p in self.params},
+                 "registry_version": versions.get(name),
+                 **headline(scores[name])}
+                for name, run in targets if name in scores]
+        keys = sorted({k for name in scores for k in headline(scores[name]) if not k.endswith("_stderr")})
+        paired = paired_rows(client, [(name, run.info.run_id) for name, run in targets if name in scores])
+        files = write_comparison(rows, keys, metric, self.params, self.out_dir, paired,
+                                 confirm if any(r.get(confirm) is not None for r in rows) else None)
+        for f in files:
+            tracker.log_artifact(f, "eval")
+        tracker.set_tags({"rlora.eval.registry": registry, SIG_TAG: self.settings.signature()})
+        note = client.get_run(self.parent_run_id).data.tags.get(DESCRIPTION_TAG, "")
+        tracker.set_description(with_eval_section(note, f"Registered model `{registry}`.\n\n" + files[0].read_text()))
+        return rows, paired
 
 
 def jobs_for(targets: list[tuple[str, Any]], units: list[EvalSettings], sig: str, tracking_uri: str

@@ -96,7 +96,7 @@ def test_parallel_ray_workers_match_in_process_results(tiny_model_dir, adapters,
 
 @pytest.mark.slow
 def test_a_set_stop_event_cancels_unfinished_jobs_and_kills_the_actors(tiny_model_dir, adapters):
-    """What the sweep's tail does on Ctrl-C (eval.head_start.TailEval.cancel): with the stop event set,
+    """What the sweep's tail does on Ctrl-C (eval.tail_eval.TailEval.cancel): with the stop event set,
     evaluate_jobs scores nothing (every job marked cancelled) and none of its actors is left alive."""
     import threading
     import time

@@ -27,7 +27,7 @@ def _store(tmp_path, trials):
 
 
 def _certain(client, parent, top_k, expected, mode="max"):
-    from eval.head_start import certain_trials
+    from eval.tail_eval import certain_trials
 
     return [r.data.tags["rlora.trial_id"] for r in certain_trials(client, parent, "eval/mean_acc", mode, top_k, expected)]
 

@@ -28,10 +28,10 @@ def test_no_import_against_the_layering(layer):
 
 
 def test_the_sweep_finds_the_eval_stage_through_its_entry_point():
-    from eval.stage import run_for_sweep
-    from pipeline.sweep.stages import post_sweep_stage
+    from eval.stage import EvalStage
+    from pipeline.sweep.stages import find_eval_stage
 
-    assert post_sweep_stage() is run_for_sweep
+    assert find_eval_stage() is EvalStage
 
 
 PACKAGES = ("rlora", "pipeline", "eval", "benchmarks")

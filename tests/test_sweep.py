@@ -448,7 +448,7 @@ def test_the_eval_stage_starts_in_the_sweeps_tail_and_scores_each_model_once(smo
     assert "base" in summary["tail"] and len(summary["tail"]) >= 2, summary["tail"]
     assert not summary["failed"] and len(summary["rows"]) == 4
     log = (Path(parent.data.tags["sweep_dir"]) / "sweep.log").read_text().splitlines()
-    ends = [i for i, line in enumerate(log) if re.match(r"Trial _trial_\w+ completed after", line)]
+    ends = [i for i, line in enumerate(log) if re.match(r"Trial run_trial_\w+ completed after", line)]
     tail = [i for i, line in enumerate(log) if line.startswith("eval stage, in the sweep's tail: scoring ")]
     assert len(ends) == 3 and tail, log
     first = log[tail[0]]
@@ -573,7 +573,8 @@ def test_the_terminal_shows_the_projects_lines_and_the_log_keeps_every_workers(s
     assert len(other) - len(bullets) <= 30, "\n".join(other)
     log = (Path(parent.data.tags["sweep_dir"]) / "sweep.log").read_text()
     forwarded = [line for line in log.splitlines() if worker.match(line)]
-    assert forwarded and all(line.startswith("(Evaluator pid=") for line in forwarded)  # kept, not lost
+    # kept, not lost: the eval stage's workers, and the base model's scoring where it ran in the tail
+    assert forwarded and all(line.startswith(("(Evaluator pid=", "(_score_base_task pid=")) for line in forwarded)
     assert "best eval/mean_acc" in log and "eval stage (" in log  # the summary too
     attached = Path(client.download_artifacts(parent.info.run_id, "logs/sweep.log", str(smoke.tmp / "log")))
     assert forwarded[0] in attached.read_text()

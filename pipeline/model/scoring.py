@@ -106,15 +106,32 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
     """
 
     if is_prompt_learning(model):  # virtual tokens ignore position ids and a cache: pair by pair, right-padded
-        flat = [(i, j) for i, ex in enumerate(examples) for j in range(len(ex.choices))]
-        lp = continuation_logprobs(model, tok, [(examples[i].prompt, examples[i].choices[j]) for i, j in flat],
-                                   max_length, batch_size)
-        scores = [[0.0] * len(ex.choices) for ex in examples]
-        for (i, j), (v, _) in zip(flat, lp):
-            scores[i][j] = v
-        return _rows(examples, scores)
-    device = next(model.parameters()).device
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        return _score_pairwise(model, tok, examples, max_length, batch_size)
+    groups = _context_groups(tok, examples, max_length)
+    scores = [[0.0] * len(ex.choices) for ex in examples]
+    contexts = sorted(groups, key=len, reverse=True)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(contexts), batch_size):
+            _score_context_batch(model, tok, contexts[b : b + batch_size], groups, scores, batch_size)
+    finally:
+        model.train(was_training)
+    return _rows(examples, scores)
+
+
+def _score_pairwise(model, tok, examples: list[Example], max_length: int, batch_size: int) -> list[dict]:
+    flat = [(i, j) for i, ex in enumerate(examples) for j in range(len(ex.choices))]
+    lp = continuation_logprobs(model, tok, [(examples[i].prompt, examples[i].choices[j]) for i, j in flat],
+                               max_length, batch_size)
+    scores = [[0.0] * len(ex.choices) for ex in examples]
+    for (i, j), (v, _) in zip(flat, lp):
+        scores[i][j] = v
+    return _rows(examples, scores)
+
+
+def _context_groups(tok, examples: list[Example], max_length: int) -> dict[tuple[int, ...], list]:
+    """Distinct truncated context -> [(example, choice, continuation ids still to score)]."""
     ids_of: dict[str, list[int]] = {}
 
     def ids(text: str) -> list[int]:
@@ -122,7 +139,6 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
             ids_of[text] = tok(text, add_special_tokens=False)["input_ids"]
         return ids_of[text]
 
-    # distinct truncated context -> [(example, choice, continuation ids still to score)]
     groups: dict[tuple[int, ...], list[tuple[int, int, list[int]]]] = defaultdict(list)
     for i, ex in enumerate(examples):
         for j, choice in enumerate(ex.choices):
@@ -133,77 +149,81 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
             if not ctx:  # nothing of the context fits: like the pairwise scorer, the first token is given
                 ctx, cont = cont[:1], cont[1:]
             groups[tuple(ctx)].append((i, j, cont))
+    return groups
 
-    scores = [[0.0] * len(ex.choices) for ex in examples]
+
+def _score_context_batch(model, tok, batch: list[tuple[int, ...]], groups: dict, scores: list[list[float]],
+                         batch_size: int) -> None:
+    """One forward over ``batch`` (contexts, longest first, left-padded) scores every choice's first
+    token; choices with more tokens go on from the contexts' key/value cache (``_score_rest``)."""
+    device = next(model.parameters()).device
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    width = len(batch[0])
+    ctx_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    ctx_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for r, ctx in enumerate(batch):
+        ctx_ids[r, width - len(ctx) :] = torch.tensor(ctx)
+        ctx_mask[r, width - len(ctx) :] = 1
+    ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
+    ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+
+    pairs, pair_rows, first_tok = [], [], []  # every (example, choice) with tokens to score
+    for r, ctx in enumerate(batch):
+        for i, j, cont in groups[ctx]:
+            if cont:
+                pairs.append((i, j, cont))
+                pair_rows.append(r)
+                first_tok.append(cont[0])
+    longer = [k for k, (_, _, cont) in enumerate(pairs) if len(cont) > 1]
+
     keep_last = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    contexts = sorted(groups, key=len, reverse=True)
-    was_training = model.training
-    model.eval()
-    try:
-        for b in range(0, len(contexts), batch_size):
-            batch = contexts[b : b + batch_size]
-            width = len(batch[0])
-            ctx_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            ctx_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, ctx in enumerate(batch):
-                ctx_ids[r, width - len(ctx) :] = torch.tensor(ctx)
-                ctx_mask[r, width - len(ctx) :] = 1
-            ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-            ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos,
+                use_cache=bool(longer), **keep_last)
+    # log_softmax like the pairwise scorer (on CPU it differs from logits - logsumexp by ~1e-5)
+    last = torch.log_softmax(out.logits[:, -1].float(), -1)
+    first = last[torch.tensor(pair_rows, device=device), torch.tensor(first_tok, device=device)]
+    for (i, j, cont), v in zip(pairs, first.tolist()):
+        if len(cont) == 1:
+            scores[i][j] = v
+    if not longer:
+        return
+    past = out.past_key_values
+    del out, last
+    _score_rest(model, pad_id, past, ctx_mask, pairs, pair_rows, longer, first, scores, batch_size)
 
-            pairs, pair_rows, first_tok = [], [], []  # every (example, choice) with tokens to score
-            for r, ctx in enumerate(batch):
-                for i, j, cont in groups[ctx]:
-                    if cont:
-                        pairs.append((i, j, cont))
-                        pair_rows.append(r)
-                        first_tok.append(cont[0])
-            longer = [k for k, (_, _, cont) in enumerate(pairs) if len(cont) > 1]
 
-            out = model(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos,
-                        use_cache=bool(longer), **keep_last)
-            # log_softmax like the pairwise scorer (on CPU it differs from logits - logsumexp by ~1e-5)
-            last = torch.log_softmax(out.logits[:, -1].float(), -1)
-            first = last[torch.tensor(pair_rows, device=device), torch.tensor(first_tok, device=device)]
-            for (i, j, cont), v in zip(pairs, first.tolist()):
-                if len(cont) == 1:
-                    scores[i][j] = v
-            if not longer:
-                continue
-
-            past = out.past_key_values
-            del out, last
-            # choices longer than one token, longest first, in chunks of similar length (little padding)
-            longer.sort(key=lambda k: -len(pairs[k][2]))
-            chunks = _chunks([len(pairs[k][2]) - 1 for k in longer], batch_size)
-            for n, (lo, hi) in enumerate(chunks):
-                part = longer[lo:hi]
-                rows = torch.tensor([pair_rows[k] for k in part], device=device)
-                cache = past if n == len(chunks) - 1 else _shallow_copy(past)
-                cache.batch_select_indices(rows)  # one cache row per choice
-                conts = [pairs[k][2] for k in part]
-                steps = len(conts[0]) - 1
-                q_ids = torch.full((len(conts), steps), pad_id, dtype=torch.long)
-                q_mask = torch.zeros((len(conts), steps), dtype=torch.long)
-                target = torch.zeros((len(conts), steps), dtype=torch.long)
-                for k, cont in enumerate(conts):  # right-padded: pads come after every real token
-                    q_ids[k, : len(cont) - 1] = torch.tensor(cont[:-1])
-                    q_mask[k, : len(cont) - 1] = 1
-                    target[k, : len(cont) - 1] = torch.tensor(cont[1:])
-                q_ids, q_mask, target = q_ids.to(device), q_mask.to(device), target.to(device)
-                q_pos = ctx_mask.sum(-1)[rows, None] + torch.arange(steps, device=device)
-                logits = model(input_ids=q_ids, attention_mask=torch.cat([ctx_mask[rows], q_mask], 1),
-                               position_ids=q_pos, past_key_values=cache, use_cache=True).logits.float()
-                lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
-                del cache, logits
-                # one row of per-token log-probs summed at once, as the pairwise scorer sums its slice
-                lp = torch.cat([first[torch.tensor(part, device=device), None], lp.masked_fill(q_mask == 0, 0.0)], 1)
-                for k, v in zip(part, lp.sum(-1).tolist()):
-                    i, j, _ = pairs[k]
-                    scores[i][j] = v
-    finally:
-        model.train(was_training)
-    return _rows(examples, scores)
+def _score_rest(model, pad_id: int, past, ctx_mask, pairs: list, pair_rows: list[int], longer: list[int],
+                first, scores: list[list[float]], batch_size: int) -> None:
+    """Choices longer than one token, longest first, in chunks of similar length (little padding):
+    their remaining tokens right-padded against the context's cache, one cache row per choice."""
+    device = ctx_mask.device
+    longer.sort(key=lambda k: -len(pairs[k][2]))
+    chunks = _chunks([len(pairs[k][2]) - 1 for k in longer], batch_size)
+    for n, (lo, hi) in enumerate(chunks):
+        part = longer[lo:hi]
+        rows = torch.tensor([pair_rows[k] for k in part], device=device)
+        cache = past if n == len(chunks) - 1 else _shallow_copy(past)
+        cache.batch_select_indices(rows)  # one cache row per choice
+        conts = [pairs[k][2] for k in part]
+        steps = len(conts[0]) - 1
+        q_ids = torch.full((len(conts), steps), pad_id, dtype=torch.long)
+        q_mask = torch.zeros((len(conts), steps), dtype=torch.long)
+        target = torch.zeros((len(conts), steps), dtype=torch.long)
+        for k, cont in enumerate(conts):  # right-padded: pads come after every real token
+            q_ids[k, : len(cont) - 1] = torch.tensor(cont[:-1])
+            q_mask[k, : len(cont) - 1] = 1
+            target[k, : len(cont) - 1] = torch.tensor(cont[1:])
+        q_ids, q_mask, target = q_ids.to(device), q_mask.to(device), target.to(device)
+        q_pos = ctx_mask.sum(-1)[rows, None] + torch.arange(steps, device=device)
+        logits = model(input_ids=q_ids, attention_mask=torch.cat([ctx_mask[rows], q_mask], 1),
+                       position_ids=q_pos, past_key_values=cache, use_cache=True).logits.float()
+        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+        del cache, logits
+        # one row of per-token log-probs summed at once, as the pairwise scorer sums its slice
+        lp = torch.cat([first[torch.tensor(part, device=device), None], lp.masked_fill(q_mask == 0, 0.0)], 1)
+        for k, v in zip(part, lp.sum(-1).tolist()):
+            i, j, _ = pairs[k]
+            scores[i][j] = v
 
 
 def _rows(examples: list[Example], scores: list[list[float]]) -> list[dict]:

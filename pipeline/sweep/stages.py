@@ -1,5 +1,5 @@
 """The stages a sweep hands over to after its trials, found through the ``rlora_lab.post_sweep``
-entry points (``pyproject.toml``): ``eval`` (the eval stage, ``eval.stage:run_for_sweep``) and
+entry points (``pyproject.toml``): ``eval`` (the eval stage, ``eval.stage:EvalStage``) and
 ``eval_tail`` (its head start in the sweep's tail). ``pipeline/`` never imports ``eval/``, which
 builds on it: imports go one way, and the sweep finds its later stages by name."""
 
@@ -15,9 +15,9 @@ class PostSweepError(RuntimeError):
     """The stage after a sweep failed; the sweep itself is complete and recorded."""
 
 
-def post_sweep_stage():
-    """The eval stage, found through its entry point (``eval.stage:run_for_sweep``): the sweep runs
-    it without importing ``eval/``, which builds on ``pipeline/`` (imports go one way)."""
+def find_eval_stage():
+    """The eval stage (``eval.stage:EvalStage``), found through its entry point: the sweep runs it
+    without importing ``eval/``, which builds on ``pipeline/`` (imports go one way)."""
     from importlib.metadata import entry_points
 
     found = list(entry_points(group=POST_SWEEP, name="eval"))
