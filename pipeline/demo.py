@@ -29,7 +29,7 @@ def accuracy(model, tok, examples) -> float:
     return choice_accuracy_by_task(model, tok, examples)["sst2"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data-dir", default=None, help="default: $RLORA_DATA_DIR or ../shared/data")
@@ -43,8 +43,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-examples", type=int, default=200)
     ap.add_argument("--out", type=Path, default=Path("outputs/demo"))
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         train = load_sst2("train", args.data_dir)
         held_out = load_sst2("dev", args.data_dir)
@@ -58,13 +61,31 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"model {args.model} loaded in {time.time() - t0:.1f}s")
-    rng = random.Random(args.seed)
-    train = rng.sample(train, min(args.train_examples, len(train)))
+    train = random.Random(args.seed).sample(train, min(args.train_examples, len(train)))
     held_out = held_out[: args.eval_examples]
-
     acc_before = accuracy(base, tok, held_out)
     print(f"held-out SST-2 accuracy, base model: {acc_before:.3f} ({len(held_out)} examples)")
+    model = fine_tune(base, tok, config, train, args)
+    acc_after = accuracy(model, tok, held_out)
+    print(f"held-out SST-2 accuracy, {args.preset}: {acc_after:.3f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    adapter_dir = args.out / "adapter"
+    identical = reloads_exactly(model, tok, held_out, adapter_dir, args.model)
+    print(f"save -> load on a fresh base reproduces the logits exactly: {identical}")
+    summary = {"preset": args.preset, "accuracy_before": acc_before, "accuracy_after": acc_after,
+               "reload_identical": identical, "adapter": str(adapter_dir)}
+    sims = head_similarity(model)
+    if sims:
+        summary.update(similarity_summary(sims))
+        fig = plot_head_similarity(sims, args.out / "head_similarity.png")
+        print(f"head cosine similarity (mean over layers): {summary['head_cos/mean']:.3f} -> {fig}")
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out / 'summary.json'}")
+    return 0 if identical else 1
 
+
+def fine_tune(base, tok, config, train, args):
+    """``args.steps`` AdamW steps of the tuner on length-grouped batches of ``train``."""
     torch.manual_seed(args.seed)
     model = rlora.get_peft_model(base, config)
     model.print_trainable_parameters()
@@ -80,33 +101,20 @@ def main(argv=None) -> int:
         opt.zero_grad()
         if step == 1 or step % 10 == 0 or step == args.steps:
             print(f"step {step:4d}  loss {loss.item():.4f}  ({time.time() - t0:.0f}s)", flush=True)
+    return model
 
-    acc_after = accuracy(model, tok, held_out)
-    print(f"held-out SST-2 accuracy, {args.preset}: {acc_after:.3f}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    adapter_dir = args.out / "adapter"
+def reloads_exactly(model, tok, held_out, adapter_dir: Path, model_spec: str) -> bool:
+    """Save the adapter, load it on a fresh base: the same logits, bit for bit."""
     model.save_pretrained(adapter_dir)
     probe = tok([ex.prompt for ex in held_out[:4]], return_tensors="pt", padding=True)
     model.eval()
     with torch.no_grad():
         trained = model(**probe).logits
-    fresh, _ = load_model(args.model)
+    fresh, _ = load_model(model_spec)
     reloaded = rlora.from_pretrained(fresh, adapter_dir)
     with torch.no_grad():
-        identical = torch.equal(reloaded(**probe).logits, trained)
-    print(f"save -> load on a fresh base reproduces the logits exactly: {identical}")
-
-    summary = {"preset": args.preset, "accuracy_before": acc_before, "accuracy_after": acc_after,
-               "reload_identical": identical, "adapter": str(adapter_dir)}
-    sims = head_similarity(model)
-    if sims:
-        summary.update(similarity_summary(sims))
-        fig = plot_head_similarity(sims, args.out / "head_similarity.png")
-        print(f"head cosine similarity (mean over layers): {summary['head_cos/mean']:.3f} -> {fig}")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out / 'summary.json'}")
-    return 0 if identical else 1
+        return torch.equal(reloaded(**probe).logits, trained)
 
 
 if __name__ == "__main__":
