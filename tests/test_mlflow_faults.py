@@ -25,7 +25,7 @@ def dead_uri() -> str:
 
 def argv_of(entry, uri, tmp_path):
     return {
-        "train": ["pipeline.train", "configs/five_task.yaml", "--set", f"mlflow.tracking_uri={uri}",
+        "train": ["pipeline.train.cli", "configs/five_task.yaml", "--set", f"mlflow.tracking_uri={uri}",
                   "--set", f"output_dir={tmp_path}"],
         "sweep": ["pipeline.sweep", "sweeps/smoke.yaml", "--set", f"base.mlflow.tracking_uri={uri}",
                   "--set", f"base.output_dir={tmp_path}"],
