@@ -27,14 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.common import (
-    device_label,
-    peak_cuda_bytes,
-    print_table,
-    saved_activation_bytes,
-    time_ms,
-    write_json,
-)
+from benchmarks.common import device_label, peak_cuda_bytes, print_table, saved_activation_bytes, time_ms, write_json
 from rlora import RLoraConfig, RLoraLinear
 
 DROPOUT = 0.05

@@ -9,15 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from eval.harness import EvalJob, EvalSettings, evaluate_jobs, merge_results
-from eval.record import (
-    SIG_TAG,
-    headline,
-    is_eval_metric,
-    log_results,
-    paired_rows,
-    register,
-    write_comparison,
-)
+from eval.record import SIG_TAG, headline, is_eval_metric, log_results, paired_rows, register, write_comparison
 from eval.task_names import resolve_tasks
 from pipeline.claims import confirm_metric
 from pipeline.model.adapters import FULL_WEIGHTS

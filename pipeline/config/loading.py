@@ -61,3 +61,13 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def validated(model, path: str | Path | None, overrides: list[str] | None):
+    """``model`` (a pydantic schema) from the YAML at ``path`` with ``overrides`` (key=value) merged
+    on top; a ConfigError naming the key otherwise."""
+    data = deep_merge(load_yaml(path) if path else {}, parse_overrides(overrides or []))
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

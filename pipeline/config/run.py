@@ -5,24 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import rlora
-from pipeline.config.loading import (
-    ConfigError,
-    deep_merge,
-    format_validation_error,
-    load_yaml,
-    parse_overrides,
-)
+from pipeline.config.loading import validated
 from pipeline.data import MIXTURES, TASKS
 from pipeline.model.adapters import PEFT_DEFAULTS, PEFT_METHODS, RLORA_METHODS, peft_config
 from pipeline.model.base import DEFAULT_MODEL
@@ -241,9 +227,4 @@ class RunConfig(Strict):
 
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    data = load_yaml(path) if path else {}
-    data = deep_merge(data, parse_overrides(overrides or []))
-    try:
-        return RunConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    return validated(RunConfig, path, overrides)

@@ -5,21 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from pydantic import (
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.config.loading import (
-    ConfigError,
-    deep_merge,
-    format_validation_error,
-    load_yaml,
-    parse_overrides,
-)
+from pipeline.config.loading import deep_merge, format_validation_error, validated
 from pipeline.config.run import GpuShare, RunConfig, Strict
 from pipeline.data.eval_names import local_names
 from pipeline.model.adapters import PEFT_METHODS, configurable_fields
@@ -196,8 +184,4 @@ class SweepConfig(Strict):
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    data = deep_merge(load_yaml(path), parse_overrides(overrides or []))
-    try:
-        return SweepConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+    return validated(SweepConfig, path, overrides)

@@ -14,13 +14,7 @@ from pipeline.config.run import RunConfig
 from pipeline.model import adapters
 from pipeline.model.base import resolve_model
 from pipeline.runs import plot_curves
-from pipeline.runtime import (
-    ensure_ray,
-    error_line,
-    torch_backend,
-    use_gpu_for,
-    worker_resources,
-)
+from pipeline.runtime import ensure_ray, error_line, torch_backend, use_gpu_for, worker_resources
 from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 from pipeline.train.in_trial import InProcess
 from pipeline.train.request import TrainRequest
