@@ -19,7 +19,7 @@ from pipeline.model.base import load_model, resolve_model
 from pipeline.model.scoring import continuation_logprobs, score_choices
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-per-task", type=int, default=40)
     ap.add_argument("--device", default="cpu")
@@ -28,8 +28,11 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per method (median)")
     ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/scoring-<device>.json")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def main(argv=None):
+    args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -52,25 +55,33 @@ def main(argv=None):
     def new():
         return [(r["choice_logprobs"], r["pred"]) for r in score_choices(model, tok, examples, ml, bs)]
 
-    def timed(fn):
-        times, result = [], None
-        for _ in range(args.repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            result = fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2], result
-
     warm = examples[::max(1, len(examples) // bs)][:bs]  # warm-up on a slice of every task, not timed
     score_choices(model, tok, warm, ml, bs)
     continuation_logprobs(model, tok, [(e.prompt, c) for e in warm for c in e.choices], ml, bs)
     rows, results = [], {}
     for name, fn in (("pairwise", old), ("score_choices", new)):
-        sec, results[name] = timed(fn)
+        sec, results[name] = timed(fn, device, args.repeats)
         rows.append({"method": name, "seconds": sec, "examples_per_s": len(examples) / sec,
                      "pairs_per_s": len(pairs) / sec})
         print(f"{name:14s} {sec:8.2f} s  {len(examples) / sec:7.2f} examples/s", flush=True)
+    report(args, device, examples, pairs, rows, results)
+
+
+def timed(fn, device, repeats: int):
+    """The median wall time of ``repeats`` runs of ``fn`` and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], result
+
+
+def report(args, device, examples, pairs, rows: list[dict], results: dict) -> None:
+    """The table, the agreement of the two scorers, and the JSON under benchmarks/results/."""
+    ml, bs = args.max_length, args.batch_size
     speedup = rows[0]["seconds"] / rows[1]["seconds"]
     diffs = [abs(a - b) for (sa, _), (sb, _) in zip(results["pairwise"], results["score_choices"])
              for a, b in zip(sa, sb)]

@@ -87,7 +87,6 @@ def run_once(config: str, overrides: list[str], with_eval: bool = False, code: s
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "RAY_ADDRESS": "", "RLORA_MIXTURE_DIR": f"{tmp}/mixtures"}
         if code:  # the data directory this checkout finds (the default is relative to a checkout)
-
             env.setdefault("RLORA_DATA_DIR", str(data_dir()))
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, os.environ.get("PYTHONPATH")]))
         uri = f"sqlite:///{tmp}/mlflow.db"

@@ -132,7 +132,6 @@ class Evaluator:
 
     def _score(self, adapter_dir: Optional[str], settings: Optional[EvalSettings] = None):
         """(scores with their standard errors, questions per task, per-question table)."""
-
         res = self.run(adapter_dir, log_samples=True, settings=settings)
         n = {k: int(v.get("effective", v.get("original", 0))) for k, v in (res.get("n-samples") or {}).items()}
         scores, examples = flatten_scores(res["results"]), lmeval_examples(res.get("samples") or {})
@@ -168,7 +167,6 @@ def pooled_stderr(scores: dict[str, float], examples) -> dict[str, float]:
     """``<family>/avg_stderr`` from the per-question table where lm-eval gives none (it reports N/A
     for a group as soon as one subtask has a single question): sd / sqrt(N) over the family's pooled
     questions, the standard error of its size-weighted average treated as one sample."""
-
     out = {}
     if examples is None or not len(examples):
         return out

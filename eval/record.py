@@ -23,7 +23,6 @@ ROUND_TAG = "rlora.eval.round"
 
 def headline(scores: dict[str, float]) -> dict[str, float]:
     """The scores worth a column: family averages, MMLU categories, held-out accuracies."""
-
     keep = {k for k in scores if not k.endswith("_stderr") and (
         k.endswith("/avg") or k.startswith("heldout/")
         or (k.split("/")[0].startswith("mmlu") and k.split("/")[1] in CATEGORY_GROUPS))}
@@ -91,7 +90,6 @@ def plot_comparison(rows: list[dict], keys: list[str], path: Path) -> Optional[P
 def log_results(results: list[dict], settings: EvalSettings, tracking_uri: str, client) -> dict[str, dict]:
     """Scores onto each job's run, at the next eval round (a new setting is a new point, never a
     duplicate); a failed job gets its error as a tag. Returns the scores by job name."""
-
     scores = {}
     for r in results:
         t = Tracker(tracking_uri, r["run_id"])
@@ -119,7 +117,6 @@ def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
     ranked by the sweep's objective, on data that is not these questions), with simultaneous 95 %
     intervals per family of comparisons (``pipeline.paired.compare_family``: every trial vs the
     base model, every other trial vs the best)."""
-
     tables = {name: run_examples(client, rid, "lmeval").get("lmeval") for name, rid in models}
     tables = {k: t for k, t in tables.items() if t is not None}
     trials = [name for name, _ in models if name != "base" and name in tables]
@@ -147,10 +144,9 @@ def paired_rows(client, models: list[tuple[str, str]]) -> list[dict]:
 
 
 def write_comparison(rows: list[dict], keys: list[str], metric: str, params: list[str], out_dir: Path,
-                      paired: Optional[list[dict]] = None, confirm: Optional[str] = None) -> list[Path]:
+                     paired: Optional[list[dict]] = None, confirm: Optional[str] = None) -> list[Path]:
     """comparison.{md,csv,html} (every headline score as x ± se), comparison_paired.{md,csv,html}
     (paired differences to the base model and to the best trial) and comparison.png."""
-
     adapter_cols = [c for c in (PCT_COL, AB_COL) if any(r.get(c) is not None for r in rows)]
     files = list(write_table(rows, ["model", metric, *([confirm] if confirm else []), *adapter_cols, *params, *keys,
                                     "registry_version", "run_id"], out_dir, "comparison"))

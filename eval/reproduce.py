@@ -203,7 +203,6 @@ def early_grad_summary(arms: dict[str, list[dict]], first: int = 5) -> dict[str,
 
 def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_dir: Path, wall_s: Optional[float],
                  config_note: str) -> dict[str, Any]:
-
     t = Tracker(tracking_uri, parent_run_id)
     client = t.client
     out_dir.mkdir(parents=True, exist_ok=True)

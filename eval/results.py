@@ -16,7 +16,6 @@ SCORE_KEYS = ("acc,none", "exact_match,get-answer", "exact_match,flexible-extrac
 
 def prefixes() -> list[tuple[str, str]]:
     """(task-name prefix, family), longest first so rlora_bbh_fewshot_x is not read as rlora_bbh + fewshot_x."""
-
     pairs = []
     for family, (local, stock, stock_sub) in FAMILIES.items():
         pairs += [(local, family), (stock, family), (stock_sub.rstrip("_"), family)]

@@ -14,6 +14,7 @@ and ``<family>/avg``. ``--sweep`` runs the eval stage of a finished sweep (see e
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import re
 import sys
@@ -95,7 +96,8 @@ def run_sweep_stage(args, tracking_uri: str) -> int:
         raise ConfigError(format_validation_error(e)) from None
     out_dir = args.out or Path("outputs") / "eval" / f"sweep-{args.sweep}"
     try:
-        out = EvalStage.for_sweep(cfg, args.sweep, tracking_uri, Path(out_dir)).run()
+        # scored on this machine's devices (a GPU if it has one), whatever the sweep trained on
+        out = replace(EvalStage.for_sweep(cfg, args.sweep, tracking_uri, Path(out_dir)), use_gpu=None).run()
     except EvalStageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

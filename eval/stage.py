@@ -26,7 +26,6 @@ class EvalStageError(PostSweepError):
 
 def settings_from(ev, model: str, precision: str = "fp32") -> EvalSettings:
     """The settings of the whole stage (its signature decides whether a run is already scored)."""
-
     limit = tuple(sorted(ev.limit.items())) if isinstance(ev.limit, dict) else ev.limit
     return EvalSettings(model=model, tasks=tuple(resolve_tasks(list(ev.tasks), ev.task_source)), limit=limit,
                         num_fewshot=ev.num_fewshot, batch_size=ev.batch_size, gen_kwargs=ev.gen_kwargs,
@@ -42,7 +41,6 @@ def unit_settings(ev, model: str, precision: str = "fp32") -> list[EvalSettings]
 
 def _has_adapter(client, run_id: str) -> bool:
     """The run saved its adapter (or, full fine-tuning, its whole model) under ``adapter/``."""
-
     return any(a.path.endswith(("adapter_config.json", FULL_WEIGHTS)) for a in client.list_artifacts(run_id, "adapter"))
 
 
@@ -95,6 +93,7 @@ class EvalStage:
         """``tail`` (``eval.tail_eval.TailEval``): the part of the stage started while the sweep's last
         trials ran; its models are not scored again, the stage waits for them."""
         tracker = Tracker(self.tracking_uri, self.parent_run_id)
+        sig = self.settings.signature()  # an unknown task name stops the stage here, before any run is made
         targets = self._targets(tracker.client)
         # started in the sweep's tail (eval.tail_eval); a trial it started that the stage did not select is left out
         in_tail = {name for name, _ in targets} & (tail.names() if tail is not None else set())
@@ -107,7 +106,7 @@ class EvalStage:
         failed = {r["name"]: r["error"] for r in results if r["error"]}
         summary = {"rows": rows, "paired": paired, "registry": registry, "versions": versions,
                    "evaluated": [r["name"] for r in results], "cached": cached, "failed": failed,
-                   "signature": self.settings.signature(), "tail": sorted(in_tail),
+                   "signature": sig, "tail": sorted(in_tail),
                    "tail_scored": tail.scored() if tail is not None else {}}
         (self.out_dir / "eval_stage.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         if failed:

@@ -73,7 +73,6 @@ class TailEval:
 
     def update(self) -> list[str]:
         """Start scoring what is now certain to be scored; returns the models started by this call."""
-
         if self.stop.is_set() or pending_placement_groups():
             return []  # a trial's worker group still waits for its slot: an eval actor must not take it
         ev = self.cfg.eval

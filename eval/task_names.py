@@ -13,7 +13,6 @@ class EvalInputError(ValueError):
 
 def resolve_tasks(names: list[str], source: str) -> list[str]:
     if source == "stock":  # lm-eval's own tasks (their datasets come from the hub)
-
         known_stock = set(task_manager(stock=True).all_tasks) - set(task_manager().all_tasks)
         for n in names:
             if n not in known_stock:

@@ -103,7 +103,6 @@ def compare_trials(ranked: list[dict], metric: str, client, base=None, base_conf
     labelled as such. Adds to the rows the confirmation score (``confirm/<metric>`` ± se),
     ``Δ vs best``/``resolved`` and ``Δ vs base``/``vs base resolved`` (simultaneous intervals of
     each family); returns (best vs runner-up sentence, best vs base sentence, the Claims)."""
-
     col = objective_column(metric)
     if col is None or not ranked:
         return None, None, None

@@ -47,7 +47,6 @@ def run_examples(client, run_id: str, kind: Optional[str] = None) -> dict[str, A
 
 def plot_curves(tracker: Tracker, keys: list[str], path: Path, title: str = "") -> Optional[Path]:
     """One panel per metric key, from the run's metric history in MLflow."""
-
     plt = pyplot()
 
     series = {k: tracker.history(k) for k in keys}

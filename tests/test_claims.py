@@ -108,7 +108,7 @@ def test_one_example_or_a_handful_of_identical_differences_is_never_resolved():
     width, and an exact test of so few discordant pairs cannot reject; only enough of them can."""
     # and a family where two models each win 2 of 3 questions: a bootstrap interval of [+33, +100]
     fam = paired.compare_family(table([0, 0, 1], tasks=1), {"a": table([1, 1, 1], tasks=1), "b": table([1, 1, 1], tasks=1)},
-                               by_task=False)
+                                by_task=False)
     assert fam["a"].delta == pytest.approx(2 / 3) and not fam["a"].resolved and fam["a"].discordant == 2
     for n, resolved in ((1, False), (4, False), (12, True)):
         fam = paired.compare_family(table(np.zeros(n), tasks=1), {"a": table(np.ones(n), tasks=1),

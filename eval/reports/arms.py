@@ -44,7 +44,6 @@ def sweep_trials(client, parent_run_id: str) -> list:
 
 def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
     """One seed's held-out results: per-example table, per-task and macro accuracy, its seed."""
-
     m = run.data.metrics
     return {"examples": run_examples(client, run.info.run_id, "heldout").get("heldout"),
             "run_id": run.info.run_id, "seed": run.data.params.get("train.seed"),
@@ -53,14 +52,12 @@ def seed_record(client, run, tasks: list[str]) -> dict[str, Any]:
 
 def seed_avg(recs: list[dict]):
     """Per-example outcomes averaged over an arm's seeds (examples every seed scored)."""
-
     return seed_average([r.get("examples") for r in recs])
 
 
 def arm_score(recs: list[dict], task: Optional[str] = None) -> tuple[Optional[float], Optional[float]]:
     """(mean over seeds, standard error over seeds and examples) of an arm's accuracy on one task
     or (task None) on the macro average."""
-
     per_seed = [r["acc"][task] if task else r["mean_acc"] for r in recs]
     per_seed = [x for x in per_seed if x is not None]
     if not per_seed:
@@ -74,7 +71,6 @@ def arm_difference(a: list[dict], b: list[dict], m: int = 1) -> Optional[dict]:
     seeds (per-seed differences, seeds matched by value). None without per-example tables. ``m``: the
     comparisons made against the same reference; the interval holds jointly over them (Bonferroni,
     ``pipeline.paired.family_crit``), so "resolved" is wrong for at most 5 % of families."""
-
     ta, tb = seed_avg(a), seed_avg(b)
     if ta is None or tb is None:
         return None

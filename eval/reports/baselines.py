@@ -43,7 +43,6 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
     """adapter label -> one record per finished seed (accuracies, per-example table, % params, A/B,
     tokens/s; ``reference``: the run is R-LoRA proper, adapter.method rlora with preset rlora, the
     row every other one is compared with)."""
-
     trials = [t for t in sweep_trials(client, parent_run_id) if t.data.tags.get("rlora.adapter")]
     labels = [t.data.tags["rlora.adapter"] for t in trials]
     arms: dict[str, list[dict[str, Any]]] = {}
@@ -65,7 +64,6 @@ def collect(client, parent_run_id: str, tasks: list[str]) -> dict[str, list[dict
 
 def table(arms: dict[str, list[dict]], tasks: list[str]) -> tuple[list[str], list[dict], Optional[str]]:
     """(columns, rows, the reference label): rows sorted by macro accuracy, best first."""
-
     refs = [label for label, recs in arms.items() if any(r["reference"] for r in recs)]
     ref = refs[0] if len(refs) == 1 else None  # several R-LoRA shapes: no single reference
     rows = []
@@ -96,7 +94,6 @@ def write_report(tracking_uri: str, parent_run_id: str, tasks: list[str], out_di
                  config_note: str) -> dict[str, Any]:
     """The report (markdown, csv, html) in ``out_dir``, logged to the sweep's parent run under
     ``reproduce/``."""
-
     t = Tracker(tracking_uri, parent_run_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     arms = collect(t.client, parent_run_id, tasks)

@@ -62,7 +62,6 @@ def start_server(backend_store_uri: str, artifacts_destination: str, host: str =
 
     ``port=0`` picks a free port; if another process takes it before the server binds it (the
     server then exits at once), a new one is picked, ``attempts`` times in all."""
-
     backend_store_uri, artifacts_destination = _absolute(backend_store_uri, artifacts_destination)
     for attempt in range(attempts if port == 0 else 1):
         p = port or free_port()

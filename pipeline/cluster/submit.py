@@ -114,7 +114,6 @@ def submit(address: str, config: str, tracking_uri: Optional[str], overrides: li
     uri = tracking_uri or cfg.base.mlflow.tracking_uri
     check_tracking_uri(uri)
     if data_dir is None:  # the path resolved here ($RLORA_DATA_DIR or ../shared/data), taken to be the
-
         try:
             data_dir = str(local_data_dir().resolve())
         except DataError:  # not here: $RLORA_DATA_DIR may still name the cluster's path

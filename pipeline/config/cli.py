@@ -25,7 +25,6 @@ def base_parser(prog: str, doc: str, config_help: str, set_example: str,
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported in one line with exit code 2, no traceback."""
-
     return (ConfigError, DataError, ModelSpecError, TrackingError)
 
 

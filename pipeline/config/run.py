@@ -62,13 +62,11 @@ class AdapterSection(Strict):
     @property
     def uses_rlora(self) -> bool:
         """Built by this project's tuner (``rlora/``) from the fields above, not by a PEFT config class."""
-
         return self.method in RLORA_METHODS
 
     @property
     def uses_peft(self) -> bool:
         """Built by one of PEFT's config classes from the method's own section."""
-
         return self.method in PEFT_METHODS
 
     @property

@@ -104,7 +104,6 @@ def score_choices(model, tok, examples: list[Example], max_length: int = 512,
     A prompt-learning PEFT model (virtual tokens: no position ids, no reusable cache) is scored pair
     by pair with :func:`continuation_logprobs` instead.
     """
-
     if is_prompt_learning(model):  # virtual tokens ignore position ids and a cache: pair by pair, right-padded
         return _score_pairwise(model, tok, examples, max_length, batch_size)
     groups = _context_groups(tok, examples, max_length)

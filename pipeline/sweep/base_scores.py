@@ -26,7 +26,6 @@ def score_base(cfg: SweepConfig, tracker, threads: Optional[int] = None) -> tupl
     the per-example table), the confirmation scores on the base model's child run
     (``confirm/<metric>`` ± se and its table), so the summary can say whether fine-tuning helped at
     all, with the same paired test as between trials. Returns (selection table, confirmation table)."""
-
     if objective_column(cfg.tune.metric) is None:
         return None, None
     base_run = base_model_run(tracker.client, tracker.run_id, cfg.base.model)

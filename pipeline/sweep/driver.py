@@ -91,7 +91,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
               file=sys.stderr)
         return {"interrupted": True, "sweep_dir": str(sweep_dir), "parent_run_id": tracker.run_id}
 
-    results = _fit(cfg, sweep_dir, tracker, tracking_uri, bool(resume), retry_errored, console, tail, base)
+    results, slots = _fit(cfg, sweep_dir, tracker, tracking_uri, bool(resume), retry_errored, console, tail, base)
     if results is None or sum(map(trial_ended, results)) < expected_trials(cfg):
         return stopped()
     try:  # a Ctrl-C while the base model is scored or the summary written: --resume does both again
@@ -101,7 +101,7 @@ def run_sweep(cfg: SweepConfig, config_path: str, resume: Optional[str] = None, 
     except KeyboardInterrupt:
         return stopped()
     wall = time.time() - t0
-    out["timing"] = _log_timing(cfg, tracker, out["rows"], wall, resumed=bool(resume))
+    out["timing"] = _log_timing(tracker, out["rows"], wall, slots, resumed=bool(resume))
     tracker.finish("FINISHED")
     if cfg.eval.enabled:
         try:
@@ -147,19 +147,21 @@ def _tail_helpers(cfg: SweepConfig, parent_run_id: str, tracking_uri: str) -> tu
 
 def _fit(cfg: SweepConfig, sweep_dir: Path, tracker: Tracker, tracking_uri: str, resume: bool,
          retry_errored: bool, console, tail, base):
-    """The Tuner's results, or None after a Ctrl-C; any other failure marks the parent FAILED."""
+    """The Tuner's results (None after a Ctrl-C) and the trials it runs at once; any other failure
+    marks the parent FAILED. A cluster too small for one trial fails here, before training."""
     from pipeline.sweep.tail import TailStart  # lazy: loads ray
 
     try:
         ensure_ray(worker_env=None if console is None or console.verbose else QUIET_WORKERS)
+        slots = concurrency(cfg)
         in_tail = [TailStart(expected_trials(cfg), tail, base, slot_at_start=cfg.tune.train_in_trial)
                    ] if tail is not None or base is not None else None
         tuner = build_tuner(cfg, sweep_dir, tracker.run_id, tracking_uri, resume=resume, callbacks=in_tail,
                             retry_errored=retry_errored)
         try:
-            return tuner.fit()
+            return tuner.fit(), slots
         except KeyboardInterrupt:
-            return None
+            return None, slots
     except BaseException as e:
         for started in (tail, base):
             if started is not None:
@@ -170,11 +172,10 @@ def _fit(cfg: SweepConfig, sweep_dir: Path, tracker: Tracker, tracking_uri: str,
         raise
 
 
-def _log_timing(cfg: SweepConfig, tracker: Tracker, rows: list[dict], wall: float, resumed: bool) -> dict[str, float]:
+def _log_timing(tracker: Tracker, rows: list[dict], wall: float, slots: int, resumed: bool) -> dict[str, float]:
     """Where the sweep's time went, on the parent run: the share of slot-time spent in training
     loops (steps + evals; the rest is Ray and worker start-up, model loading, scheduling and idle
     slots) and each trial's start-up (run_training entered -> first step, pipeline.timeline)."""
-    slots = concurrency(cfg)
     loop_s = sum((row.get("loop_s") or 0.0) for row in rows)
     busy = loop_s / (wall * slots) if wall > 0 else 0.0
     timing = {"sweep/wall_s": wall, "sweep/slots": slots, "sweep/train_loop_s": loop_s}

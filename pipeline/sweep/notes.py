@@ -14,7 +14,6 @@ TRIAL_DISAGREEMENT = 0.07  # share of examples two of the main sweep's trials an
 
 def precision_note(cfg: SweepConfig) -> str:
     """What standard error the sweep's settings give its objective and its claims, said before it starts."""
-
     n_tasks = len(resolve_tasks(cfg.base.data.tasks))
     n = cfg.base.data.eval_per_task
     se = expected_se(n, n_tasks)

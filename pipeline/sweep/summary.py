@@ -140,7 +140,6 @@ def sweep_view(cfg: SweepConfig, tracker, experiment_id: str) -> str:
     """The MLflow UI's runs table for this sweep: its trials expanded under the parent run, sorted by
     the objective, with the objective ± se, the held-out means, the searched parameters, the
     dataset and the logged model as columns. Returns the UI route (printed at the end)."""
-
     metrics = [cfg.tune.metric, f"{cfg.tune.metric}_stderr", "eval/mean_acc", "eval/mean_margin", "train/loss"]
     columns = [ui_column("attributes", "Dataset"), ui_column("attributes", "Models")]
     columns += [ui_column("metrics", m) for m in dict.fromkeys(metrics)] + [ui_column("params", p) for p in cfg.search]

@@ -4,7 +4,7 @@ a Ray task on a freed slot (``BaseHeldOut``), when a trial still running is expe
 at least ``BASE_MIN_TAIL_S`` (the median time of the ended trials less its own time so far). With
 ``eval.overlap`` (default on) the eval stage starts there too: the base model at once, and every finished trial as soon as it is sure to be among the final
 top-k whatever the trials still running score. The stage after the sweep then only scores the
-rest and waits for what the tail started (``eval.stage.TailEval``, found through the
+rest and waits for what the tail started (``eval.tail_eval.TailEval``, found through the
 ``rlora_lab.post_sweep`` entry point ``eval_tail``: ``pipeline/`` does not import ``eval/``).
 """
 

@@ -105,7 +105,6 @@ def _seeded_trial(cfg: RunConfig, ctx: TrialContext, trial_id: str) -> dict[str,
     averaged = seed_average([run_examples(t.client, o["run_id"], "heldout").get("heldout") for o in outs])
     metrics = seed_metrics([o["metrics"] for o in outs], averaged)
     steps = cfg.train.steps
-
     model_id = adapter_model(t, f"trial-{trial_id}", cfg)
     t.log_metrics(metrics, step=steps, model_id=model_id)
     # the confirmation split, averaged over seeds in the same way (logged only: Tune never sees it)

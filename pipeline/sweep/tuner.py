@@ -85,8 +85,8 @@ def build_tuner(cfg: SweepConfig, sweep_dir: Path, parent_run_id: str, tracking_
     if cfg.tune.search_alg == "optuna":
         storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'optuna.db'}")
         search_alg = ResumableOptunaSearch(metric=cfg.tune.metric, mode=cfg.tune.mode, seed=cfg.tune.seed,
-                                  sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
-                                  study_name=cfg.name, storage=storage)
+                                           sampler=optuna.samplers.TPESampler(seed=cfg.tune.seed),
+                                           study_name=cfg.name, storage=storage)
     if cfg.tune.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="step", max_t=cfg.base.train.steps, grace_period=cfg.tune.grace_period,
                                   reduction_factor=cfg.tune.reduction_factor)

@@ -34,7 +34,6 @@ class CheckpointError(RuntimeError):
 def restore_checkpoint(model, opt, sched, directory: Path, device="cpu") -> int:
     """A checkpoint ``save_checkpoint`` wrote, back into a freshly built run: the trained weights,
     the optimizer's and scheduler's state; the step it was written at."""
-
     state = load_trainer_state(Path(directory) / TRAINER_STATE, device)
     adapters.restore(model, Path(directory) / "adapter", state)
     opt.load_state_dict(state["optimizer"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,6 @@ from pipeline.runtime import ensure_ray, error_line, torch_backend, use_gpu_for,
 from pipeline.tracking import Tracker, check_reachable, resolve_tracking_uri
 from pipeline.train.in_trial import InProcess
 from pipeline.train.request import TrainRequest
-from pipeline.train.worker import train_loop_per_worker
 
 
 def adapter_model(tracker, name: str, cfg: RunConfig) -> str:
@@ -115,6 +115,8 @@ def _trainer(cfg: RunConfig, request: TrainRequest, name: str, storage: str, cal
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.train.worker import train_loop_per_worker  # lazy: loads ray.train
+
     use_gpu = use_gpu_for(cfg.scaling.use_gpu)
     return TorchTrainer(
         train_loop_per_worker,
@@ -134,6 +136,8 @@ def _trainer(cfg: RunConfig, request: TrainRequest, name: str, storage: str, cal
 def _run_in_trial(cfg: RunConfig, request: TrainRequest, storage: str, name: str, callbacks) -> tuple:
     import ray.train
 
+    from pipeline.train.worker import train_loop_per_worker  # lazy: loads ray.train
+
     if cfg.scaling.num_workers != 1 or "://" in storage.removeprefix("file://"):
         raise ValueError("in_trial: one worker, and checkpoints on a local path")
     session = InProcess(Path(storage.removeprefix("file://")) / name, cfg.train.steps if callbacks else None)
@@ -144,7 +148,6 @@ def _run_in_trial(cfg: RunConfig, request: TrainRequest, storage: str, name: str
 def _finish_run(cfg: RunConfig, tracker, run_id: str, model_id: str, run_name: str, t_start: float, t0: float,
                 result_metrics: dict, checkpoint) -> dict[str, Any]:
     """After training: the failure checks, the adapter and figures logged, the run FINISHED."""
-
     out_dir = Path(cfg.output_dir).resolve()
     t_fit_end = time.time()
     wall = t_fit_end - t0
@@ -161,8 +164,6 @@ def _finish_run(cfg: RunConfig, tracker, run_id: str, model_id: str, run_name: s
         raise type(failure)(f"run {run_id}: {failure}")
     final_dir = out_dir / "runs" / run_id
     with checkpoint.as_directory() as d:
-        import shutil
-
         shutil.copytree(d, final_dir, dirs_exist_ok=True)
     tracker.log_artifacts(final_dir / "adapter", "adapter")
     tracker.finish_model(model_id, final_dir / "adapter", cfg.train.steps)

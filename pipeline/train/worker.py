@@ -183,11 +183,14 @@ class WorkerRun:
         if not (do_eval or do_ckpt):
             return
         metrics: dict[str, float] = {"step": step, "train/loss": loss, **self.timing}
+        scored = None  # scoring is the loop's work, its logging not
         if do_eval:
-            metrics.update(self._score_held_out(step))
+            evals, scored = self._score_held_out(step)
+            metrics.update(evals)
             if final:  # the confirmation split: logged on the run, never reported to Tune
                 self._score_confirmation(step)
-        metrics["time/loop_s"] = time.perf_counter() - self.t_loop  # scoring is the loop's work
+                scored = time.perf_counter()
+        metrics["time/loop_s"] = (scored or time.perf_counter()) - self.t_loop
         metrics["time/at/report"] = time.time()
         if self.rank == 0 and do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
@@ -197,19 +200,21 @@ class WorkerRun:
             self._report(metrics)
         self.t_last = time.perf_counter()  # eval/checkpoint time is not training throughput
 
-    def _score_held_out(self, step: int) -> dict[str, float]:
-        """The selection split's scores (every rank scores its shard); rank 0 logs them and gets them."""
+    def _score_held_out(self, step: int) -> tuple[dict[str, float], float]:
+        """The selection split's scores (every rank scores its shard; rank 0 logs them and gets them)
+        and when the scoring ended."""
         with autocast(self.cfg.train.precision, self.device):
             evals, table = evaluate(self.model, self.tok, self.mix.held_out, self.cfg.data.max_length,
                                     self.rank, self.world)
+        scored = time.perf_counter()
         if not self.tracker:
-            return {}
+            return {}, scored
         self.tracker.log_metrics(evals, step=step, model_id=self.req.model_id)
         log_examples(self.tracker, table, step)
         if step > 0:
             self.peak = max(self.peak, peak_memory_gb(self.device))
             self.tracker.log_metrics({"train/peak_mem_gb": self.peak}, step=step)
-        return evals
+        return evals, scored
 
     def _score_confirmation(self, step: int) -> None:
         with autocast(self.cfg.train.precision, self.device):
