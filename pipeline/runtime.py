@@ -58,8 +58,6 @@ def _start_local_ray(env: dict[str, str], quiet: bool, attempts: int = 3,
     (retried if another process takes it first) and passed to every worker."""
     import ray
 
-    from pipeline.runtime import free_port
-
     for attempt in range(attempts):
         port = free_port()
         os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node ray.init starts
